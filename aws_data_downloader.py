@@ -1857,6 +1857,7 @@ class DownloadSummary:
     failures: tuple[FailedObject, ...] = ()
     skipped_reasons: Mapping[str, int] = field(default_factory=dict)
     buckets: tuple[str, ...] = ()
+    #: Buckets the user named that could not be read (denied buckets found by discovery are only warned of).
     bucket_problems: tuple[BucketProblem, ...] = ()
     download_dir: str = ""
     resume_file: str | None = None
@@ -1876,8 +1877,8 @@ class DownloadSummary:
 
     @property
     def ok(self) -> bool:
-        """Every selected object is on disk and verified."""
-        return self.failed == 0 and not self.interrupted and self.stopped_reason is None
+        """Every selected object is on disk and verified, and every bucket the user named was readable."""
+        return self.failed == 0 and not self.interrupted and self.stopped_reason is None and not self.bucket_problems
 
     def failures_by_reason(self) -> dict[str, list[FailedObject]]:
         grouped: dict[str, list[FailedObject]] = {}
@@ -2443,7 +2444,7 @@ class AWSDataDownloader:
             failures=tuple(tally.failures),
             skipped_reasons=dict(tally.skipped_reasons),
             buckets=tuple(buckets),
-            bucket_problems=tuple(problems),
+            bucket_problems=tuple(problems) if config.buckets else (),
             download_dir=str(root),
             resume_file=str(journal.path) if journal is not None else None,
             manifest=config.manifest,
@@ -2714,7 +2715,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["const"] = not option.inverted
         elif option.kind == "list":
             kwargs["nargs"] = "+"
-            kwargs["metavar"] = option.key.rstrip("s").upper()
+            kwargs["metavar"] = {"buckets": "BUCKET", "prefixes": "PREFIX", "file_extensions": "EXT"}.get(
+                option.key, "GLOB"
+            )
         elif option.kind == "int":
             kwargs["type"] = int
             kwargs["metavar"] = "N"
