@@ -29,6 +29,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fnmatch
 import hashlib
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -619,6 +621,8 @@ def make_client(session: Any, config: Config, region: str | None = None) -> Any:
 
 def error_code(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, S3 error code) of a botocore ClientError, or (0, '') for anything else."""
+    if isinstance(exc, S3Error):
+        return exc.status, exc.code
     response = getattr(exc, "response", None)
     if not isinstance(response, dict):
         return 0, ""
@@ -878,6 +882,7 @@ class UnsafeKeyError(ValueError):
 
 #: Control characters (C0, DEL, C1): they could forge log lines and are refused in file names.
 _CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 NAME_MAX = 255
 
 
@@ -891,7 +896,7 @@ def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
     for name, value in (("bucket", bucket), ("key", key)):
         if not value:
             raise UnsafeKeyError(f"unsafe key: empty {name}")
-        if any(ord(ch) in _CONTROL for ch in value):
+        if _CONTROL_RE.search(value):
             raise UnsafeKeyError(f"unsafe key: control character in {name}")
     if "/" in bucket or bucket in (".", ".."):
         raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
@@ -1127,6 +1132,8 @@ class Engine(Protocol):
 
     def set_bucket_region(self, bucket: str, region: str | None) -> None: ...
 
+    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]: ...
+
     def close(self) -> None: ...
 
 
@@ -1201,6 +1208,9 @@ class Boto3Engine:
 
     def set_bucket_region(self, bucket: str, region: str | None) -> None:
         pass  # botocore follows region redirects itself
+
+    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
+        return iter_object_pages(self.client, bucket, [prefix], self._extra.get("RequestPayer"))
 
     def close(self) -> None:
         pass
@@ -1350,7 +1360,7 @@ class HttpEngine:
         self._local = threading.local()
         self._addresses: dict[str, BucketAddress] = {}
         self._regions: dict[str, str] = {}
-        self._open: set[Any] = set()
+        self._live: set[Any] = set()
         self._lock = threading.Lock()
         self._ssl_context: Any = None
         self._user_agent = f"aws-data-downloader/{__version__} python-http.client"
@@ -1405,7 +1415,7 @@ class HttpEngine:
             connection = http.client.HTTPConnection(address.host, timeout=timeout)
         connections[key] = connection
         with self._lock:
-            self._open.add(connection)
+            self._live.add(connection)
         return connection, False
 
     def _tls_context(self) -> Any:
@@ -1421,7 +1431,7 @@ class HttpEngine:
     def drop_connection(self, connection: Any) -> None:
         connection.close()
         with self._lock:
-            self._open.discard(connection)
+            self._live.discard(connection)
         connections = self._local.__dict__.get("connections", {})
         for key, value in list(connections.items()):
             if value is connection:
@@ -1430,7 +1440,7 @@ class HttpEngine:
     def close(self) -> None:
         """Close every connection the workers opened (call once the pools have shut down)."""
         with self._lock:
-            open_connections, self._open = self._open, set()
+            open_connections, self._live = self._live, set()
         for connection in open_connections:
             connection.close()
 
@@ -1443,8 +1453,6 @@ class HttpEngine:
         if_match: str | None = None,
         checksum_mode: bool = False,
     ) -> Response:
-        import http.client
-
         headers: dict[str, str] = {}
         if byte_range is not None:
             headers["range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
@@ -1452,12 +1460,65 @@ class HttpEngine:
             headers["if-match"] = f'"{if_match}"'
         if checksum_mode:
             headers["x-amz-checksum-mode"] = "ENABLED"
+        query = [("versionId", obj.version_id)] if obj.version_id else []
+        connection, response = self._open(obj.bucket, obj.key, query, headers)
+        return _HttpBody(self, connection, response)
+
+    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
+        """ListObjectsV2 pages parsed with ElementTree: ~10x less CPU per key than botocore's parser, whose
+        dateutil timestamp parsing alone cost ~0.35 ms per object."""
+        token: str | None = None
+        while True:
+            query = [("list-type", "2"), ("encoding-type", "url")]
+            if prefix:
+                query.append(("prefix", prefix))
+            if token:
+                query.append(("continuation-token", token))
+            body = self._read_small(bucket, query)
+            objects, token = parse_list_objects_v2(bucket, body)
+            if objects:
+                yield objects
+            if not token:
+                return
+
+    def _read_small(self, bucket: str, query: list[tuple[str, str]]) -> bytes:
+        """A small GET on the bucket (a listing page), retried like botocore would on transient faults."""
+        attempt = 0
+        while True:
+            try:
+                connection, response = self._open(bucket, None, query, {})
+                try:
+                    body = response.read()
+                finally:
+                    if response.will_close or not response.isclosed():
+                        self.drop_connection(connection)
+                return body
+            except Exception as exc:
+                attempt += 1
+                if not is_retryable(exc) or attempt > self.config.retry_attempts:
+                    raise
+                delay = backoff_delay(attempt - 1, self.config.retry_backoff_s)
+                log.info("Retrying listing of %s (attempt %d) after %s; waiting %.2fs", bucket, attempt + 1, exc, delay)
+                time.sleep(delay)
+
+    def _open(
+        self, bucket: str, key: str | None, query: list[tuple[str, str]], headers: dict[str, str]
+    ) -> tuple[Any, Any]:
+        """Send a signed GET for a key (or the bucket itself when key is None) and return a 2xx response.
+
+        Follows region redirects (301, or 400 with the right region) and 307s; raises ObjectChanged on 412 and
+        S3Error on any other error response.
+        """
+        import http.client
+
         if self.config.request_payer:
             headers["x-amz-request-payer"] = self.config.request_payer
-        query = [("versionId", obj.version_id)] if obj.version_id else []
         for _hop in range(3):  # a region redirect or a 307 costs one more request each
-            address = self.address(obj.bucket)
-            path = address.prefix + "/" + urllib.parse.quote(obj.key.encode("utf-8", "surrogatepass"), safe="/~")
+            address = self.address(bucket)
+            if key is None:
+                path = address.prefix or "/"
+            else:
+                path = address.prefix + "/" + urllib.parse.quote(key.encode("utf-8", "surrogatepass"), safe="/~")
             target = path + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote) if query else "")
             connection, reused = self._connection(address)
             try:
@@ -1469,29 +1530,29 @@ class HttpEngine:
                 connection, _ = self._connection(address)
                 response = self._send(connection, address, path, target, query, headers)
             if response.status in (200, 206):
-                return _HttpBody(self, connection, response)
+                return connection, response
             body = response.read(64 * 1024)
             response_headers = {name.lower(): value for name, value in response.getheaders()}
             if response.will_close or not response.isclosed():
                 self.drop_connection(connection)
             code, message, region = _parse_s3_error(body)
             if response.status == 412:
-                raise ObjectChanged(obj.key)
+                raise ObjectChanged(key or bucket)
             new_region = response_headers.get("x-amz-bucket-region") or region
             redirected = response.status == 301 or code in ("PermanentRedirect", "AuthorizationHeaderMalformed")
             if redirected and new_region and new_region != address.region:
-                log.debug("Bucket %s is in region %s; re-addressing", obj.bucket, new_region)
-                self.set_bucket_region(obj.bucket, new_region)
+                log.debug("Bucket %s is in region %s; re-addressing", bucket, new_region)
+                self.set_bucket_region(bucket, new_region)
                 continue
             if response.status == 307 and response_headers.get("location"):
                 location = urllib.parse.urlsplit(response_headers["location"])
                 with self._lock:
-                    self._addresses[obj.bucket] = dataclasses.replace(
+                    self._addresses[bucket] = dataclasses.replace(
                         address, scheme=location.scheme or address.scheme, host=location.netloc or address.host
                     )
                 continue
             raise S3Error(response.status, code or str(response.status), message)
-        raise S3Error(301, "PermanentRedirect", f"bucket '{obj.bucket}' kept redirecting")
+        raise S3Error(301, "PermanentRedirect", f"bucket '{bucket}' kept redirecting")
 
     def _send(
         self,
@@ -1528,6 +1589,50 @@ def make_engine(session: Any, client: Any, config: Config) -> Engine:
     if choice == "http":
         return HttpEngine(session, client, config)
     return Boto3Engine(client, config.request_payer)
+
+
+def parse_s3_timestamp(text: str) -> float:
+    """Seconds since the epoch from S3's ISO 8601 timestamps ('2026-11-26T07:32:03.000Z')."""
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(text).timestamp()
+
+
+def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str | None]:
+    """One ListObjectsV2 page -> (objects, continuation token or None). Folder markers are not files.
+
+    Keys are URL-decoded when the server honoured encoding-type=url (as botocore does), which is how keys with
+    characters XML 1.0 cannot carry come back intact.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    decode = root.findtext(f"{ns}EncodingType") == "url"
+    objects = []
+    for entry in root.iterfind(f"{ns}Contents"):
+        key = entry.findtext(f"{ns}Key") or ""
+        if decode:
+            key = urllib.parse.unquote_plus(key)
+        size = int(entry.findtext(f"{ns}Size") or 0)
+        if key.endswith("/") and size == 0:
+            continue
+        modified = entry.findtext(f"{ns}LastModified")
+        objects.append(
+            S3Object(
+                bucket=bucket,
+                key=key,
+                size=size,
+                etag=(entry.findtext(f"{ns}ETag") or "").strip('"'),
+                last_modified=parse_s3_timestamp(modified) if modified else 0.0,
+                storage_class=entry.findtext(f"{ns}StorageClass") or "STANDARD",
+            )
+        )
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    return objects, (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
 
 
 def _parse_s3_error(body: bytes) -> tuple[str, str, str]:
@@ -1896,10 +2001,13 @@ class Transfer:
 CHECKSUM_HEADERS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 
 
+_MD5_HEX = re.compile("[0-9a-fA-F]{32}")
+
+
 def etag_kind(etag: str) -> str:
     """'md5' for a single-part upload's ETag, 'multipart' for '<hex>-N', 'opaque' for anything else."""
     head, dash, count = etag.partition("-")
-    if len(head) == 32 and all(c in "0123456789abcdef" for c in head.lower()):
+    if _MD5_HEX.fullmatch(head):
         if not dash:
             return "md5"
         if count.isdigit() and int(count) >= 1:
@@ -2162,7 +2270,7 @@ class ResumeJournal:
             data = {"format": RESUME_FORMAT, "version": 1, "completed": completed, "partial": partial}
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             with open(temp, "w", encoding="utf-8", errors="surrogatepass") as handle:
-                json.dump(data, handle, separators=(",", ":"))
+                handle.write(json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder; dump does not
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, self.path)
@@ -2656,7 +2764,9 @@ class AWSDataDownloader:
                     finished(result)
 
                 pages = (
-                    iter([manifest_objects]) if manifest_objects is not None else self._pages(client, config, buckets)
+                    iter([manifest_objects])
+                    if manifest_objects is not None
+                    else self._pages(engine, config, buckets, problems)
                 )
                 needed_more = 0
                 try:
@@ -2753,9 +2863,28 @@ class AWSDataDownloader:
             )
         return summary
 
-    def _pages(self, client: Any, config: Config, buckets: Sequence[str]) -> Iterator[list[S3Object]]:
+    def _pages(
+        self, engine: Engine, config: Config, buckets: Sequence[str], problems: list[BucketProblem]
+    ) -> Iterator[list[S3Object]]:
+        """Every selected prefix of every bucket, a page at a time; a bucket whose listing is denied is a
+        bucket problem (the others go on), rejected credentials stop the run."""
+        import botocore.exceptions
+
         for bucket in buckets:
-            yield from iter_object_pages(client, bucket, config.prefixes, config.request_payer)
+            try:
+                for prefix in collapse_prefixes(config.prefixes):
+                    yield from engine.list_pages(bucket, prefix)
+            except (S3Error, botocore.exceptions.ClientError) as exc:
+                problem = credentials_problem(exc)
+                if problem:
+                    raise CredentialsError(problem) from None
+                status, code = error_code(exc)
+                if status == 403 or code == "AccessDenied":
+                    reason = f"Access Denied for listing bucket '{bucket}'"
+                else:
+                    reason = f"listing bucket '{bucket}' failed: {code or status}"
+                log.warning("%s", reason)
+                problems.append(BucketProblem(bucket, reason))
 
     def _plan(
         self, obj: S3Object, root: Path, filters: Filters, config: Config, journal: ResumeJournal | None
