@@ -147,6 +147,8 @@ class Option:
     nullable: bool = False
     #: For bool flags that turn a default-on setting off (``--no-verify``).
     inverted: bool = False
+    #: The flag's own help, where it differs from the key's (inverted flags).
+    flag_help: str | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -181,6 +183,7 @@ OPTIONS: tuple[Option, ...] = (
         "Verify every byte against the ETag or S3 checksum while it streams.",
         "--no-verify",
         inverted=True,
+        flag_help="Do not verify checksums (less CPU; a corrupted byte would go unnoticed).",
     ),
     Option(
         "retry_attempts",
@@ -276,6 +279,7 @@ OPTIONS: tuple[Option, ...] = (
         "Refuse to start when the bytes to fetch exceed the free space.",
         "--ignore-disk-space",
         inverted=True,
+        flag_help="Start even when the bytes to fetch exceed the free disk space.",
     ),
     Option(
         "progress_interval_s",
@@ -528,6 +532,9 @@ class SecretRedactingFilter(logging.Filter):
     def add(self, secret: str | None, shown_as: str = "****") -> None:
         if secret and len(secret) >= 4:
             self._replacements[secret] = shown_as
+            # Also as presigned URLs and canonical query strings write it (session tokens hold '/', '+', '=').
+            for safe in ("", "-_.~"):
+                self._replacements[urllib.parse.quote(secret, safe=safe)] = shown_as
 
     def redact(self, text: str) -> str:
         for secret, shown in self._replacements.items():
@@ -577,15 +584,31 @@ def make_session(config: Config, credentials: Credentials) -> Any:
     REDACTOR.add(credentials.access_key, mask_access_key(credentials.access_key))
     try:
         if credentials.access_key:
-            return boto3.Session(
+            session = boto3.Session(
                 aws_access_key_id=credentials.access_key,
                 aws_secret_access_key=credentials.secret_key,
                 aws_session_token=credentials.session_token,
                 region_name=config.region,
             )
-        return boto3.Session(profile_name=config.profile, region_name=config.region)
+        else:
+            session = boto3.Session(profile_name=config.profile, region_name=config.region)
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(f"AWS profile '{config.profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
+    _redact_resolved_credentials(session)
+    return session
+
+
+def _redact_resolved_credentials(session: Any) -> None:
+    """Register the credentials boto3 resolved (environment, profile, role) too: botocore's debug log prints them."""
+    try:
+        resolved = session.get_credentials()
+        frozen = resolved.get_frozen_credentials() if resolved is not None else None
+    except Exception:  # no or broken credentials: the run reports that when it first needs them
+        return
+    if frozen is not None:
+        REDACTOR.add(frozen.secret_key)
+        REDACTOR.add(frozen.token)
+        REDACTOR.add(frozen.access_key, mask_access_key(frozen.access_key))
 
 
 def resolve_endpoint_url(config: Config) -> str | None:
@@ -681,7 +704,16 @@ def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | 
         if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
             return None, BucketProblem(bucket, f"bucket '{bucket}' does not exist")
         if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
-            return None, BucketProblem(bucket, f"Access Denied for bucket '{bucket}'")
+            # A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403 (on AWS
+            # and SeaweedFS alike); a one-key listing's error body tells them apart.
+            try:
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as list_exc:
+                problem = credentials_problem(list_exc)
+                if problem:
+                    raise CredentialsError(problem) from None
+                return None, BucketProblem(bucket, f"Access Denied for bucket '{bucket}'")
+            return None, None  # listing, which is what a download needs, is allowed
         if status == 301 or code == "PermanentRedirect":
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return headers.get("x-amz-bucket-region"), None
@@ -826,21 +858,21 @@ class Filters:
 def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
     """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
     index_text, _, count_text = text.partition("/")
-    if not count_text.isdigit() or int(count_text) < 1:
+    if not count_text.isdecimal() or int(count_text) < 1:
         raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
     count = int(count_text)
     if index_text == "auto":
         if not environ:  # validation time: 'auto' is resolved when the run starts
             return (0, count)
         for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
-            if environ.get(variable, "").isdigit():
+            if environ.get(variable, "").isdecimal():
                 index_text = environ[variable]
                 break
         else:
             raise ConfigError(
                 "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
             )
-    if not index_text.isdigit() or int(index_text) >= count:
+    if not index_text.isdecimal() or int(index_text) >= count:
         raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
     return int(index_text), count
 
@@ -1818,6 +1850,21 @@ def _parse_s3_error(body: bytes) -> tuple[str, str, str]:
     return text("Code"), text("Message"), text("Region")
 
 
+def _hash_file_prefix(path: Path, length: int, hasher: StreamHasher) -> None:
+    """Feed the first ``length`` bytes a previous run wrote into ``hasher``: the one read of those bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        offset = 0
+        while offset < length:
+            chunk = os.pread(fd, min(MiB, length - offset), offset)
+            if not chunk:
+                raise ConnectionError("the partial file is shorter than its journal says")
+            hasher.update(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """os.pwrite until every byte is written; ENOSPC becomes DiskFull so the run can stop cleanly."""
     view = memoryview(data)
@@ -1852,11 +1899,17 @@ class Transfer:
         self._made_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self.root: Path | None = None
+        #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
+        self.pinned = False
+        #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
+        self._versions: dict[tuple[str, str], str] = {}
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
     def download(self, obj: S3Object, target: Path) -> DownloadResult:
         """Fetch ``obj`` into ``target``; never raises for a per-object problem (it becomes the result)."""
+        if self.stop.is_set():  # queued before the run began stopping: do not start it
+            return DownloadResult(obj, "interrupted", "stopped")
         attempts = 0
         fetched = 0
         changes = 0
@@ -1866,6 +1919,8 @@ class Transfer:
                 self._ensure_parent(target)
                 checksum, fetched_now = self._fetch(obj, target)
                 fetched += fetched_now
+                obj = self._with_version(obj)
+                self._versions.pop((obj.bucket, obj.key), None)
                 return DownloadResult(obj, "downloaded", "", str(target), checksum, fetched, attempts)
             except Interrupted:
                 return DownloadResult(obj, "interrupted", "stopped", None, None, fetched, attempts)
@@ -1875,6 +1930,9 @@ class Transfer:
             except ObjectChanged:
                 changes += 1
                 self._discard_partial(obj, target)
+                if self.pinned:
+                    reason = "etag no longer matches the manifest"
+                    return DownloadResult(obj, "failed", reason, None, None, fetched, attempts)
                 if changes > self.config.retry_attempts:
                     return DownloadResult(obj, "failed", failure_reason(ObjectChanged()), None, None, fetched, attempts)
                 try:
@@ -1895,6 +1953,15 @@ class Transfer:
                     )
                     return DownloadResult(obj, "failed", reason, None, None, fetched, attempts)
                 self._wait_before_retry(obj, attempts, exc)
+
+    def _note_version(self, obj: S3Object, headers: Mapping[str, str]) -> None:
+        version = headers.get("x-amz-version-id")
+        if version and version != "null" and not obj.version_id:
+            self._versions[(obj.bucket, obj.key)] = version
+
+    def _with_version(self, obj: S3Object) -> S3Object:
+        version = None if obj.version_id else self._versions.get((obj.bucket, obj.key))
+        return dataclasses.replace(obj, version_id=version) if version else obj
 
     def _wait_before_retry(self, obj: S3Object, attempt: int, exc: BaseException) -> None:
         delay = backoff_delay(attempt - 1, self.config.retry_backoff_s)
@@ -1981,19 +2048,46 @@ class Transfer:
         if count == 1:
             return plan_parts(obj.size, max(obj.size, 1))
         first = self.engine.part_size(obj, 1)
-        if first > 0 and math.ceil(obj.size / first) == count:
+        # Uneven parts can have the count equal ones would (6+5+1 MiB and 6+6+0.x MiB are both 3): check the last.
+        if (
+            first > 0
+            and math.ceil(obj.size / first) == count
+            and self.engine.part_size(obj, count) == obj.size - (count - 1) * first
+        ):
             return plan_parts(obj.size, first)
         # Parts of different sizes (allowed by S3): ask for each one.
         return plan_parts(obj.size, [first] + [self.engine.part_size(obj, n) for n in range(2, count + 1)])
 
     def _fetch_stream(self, obj: S3Object, target: Path) -> tuple[str | None, int]:
-        """One GET streamed to the temp file and hashed as it arrives; a body fault resumes with a Range."""
+        """One GET streamed to the temp file and hashed as it arrives; a body fault resumes with a Range.
+
+        A large object (>= multipart_threshold) journals each part boundary it passes and keeps its temp file
+        when the run stops, so a re-run hashes the bytes already on disk once and asks only for the rest.
+        """
         temp = temp_path_for(target, obj.key)
-        fd = self._open_temp(temp, keep=False)
+        parts, written = self._stream_resume_point(obj, temp)
+        fd = self._open_temp(temp, keep=written > 0)
         fetched = 0
+        next_part = 0
+        layout = [part.size for part in parts]
+
+        def checkpoint(offset: int) -> None:
+            nonlocal next_part
+            while next_part < len(parts) and parts[next_part].end < offset:
+                if self.journal is not None:
+                    self.journal.record_part(obj, layout, next_part, "")
+                next_part += 1
+
         try:
             hasher: StreamHasher | None = None
-            written = 0
+            if written:
+                hasher = choose_hasher(obj, {}, self.config.verify_checksums)
+                if hasher is not None:
+                    _hash_file_prefix(temp, written, hasher)
+                next_part = sum(1 for part in parts if part.end < written)
+                log.info(
+                    "Resuming %s/%s at byte %s of %s", obj.bucket, display_key(obj.key), f"{written:,}", f"{obj.size:,}"
+                )
             attempt = 0
             while True:
                 byte_range = (written, obj.size - 1) if written else None
@@ -2006,11 +2100,18 @@ class Transfer:
                     )
                     if hasher is None:
                         hasher = choose_hasher(obj, response.headers, self.config.verify_checksums)
+                        self._note_version(obj, response.headers)
                     try:
-                        written, got = self._copy_body(response, fd, written, obj.size, hasher)
+                        written, got, fault = self._copy_body(
+                            response, fd, written, obj.size, hasher, checkpoint if parts else None
+                        )
                         fetched += got
                     finally:
                         response.close()
+                    if fault is not None:
+                        raise fault
+                    if written != obj.size:
+                        raise ConnectionError(f"body ended at {written} of {obj.size} bytes")
                     break
                 except (ObjectChanged, DiskFull, Interrupted):
                     raise
@@ -2026,26 +2127,60 @@ class Transfer:
             fd = -1
             self._finish(obj, temp, target)
             if self.journal is not None:
-                self.journal.record_done(obj, checksum, str(target))
+                self.journal.record_done(self._with_version(obj), checksum, str(target))
             return checksum, fetched
         except BaseException:
             if fd >= 0:
                 os.close(fd)
                 fd = -1
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            if not parts:  # small objects start over; large ones keep their bytes for the next attempt or run
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
             raise
 
+    def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
+        """For a large object: its checkpoint parts and how many bytes a previous run left verified-in-order."""
+        if obj.size < self.config.multipart_threshold or self.journal is None:
+            return [], 0
+        parts = plan_parts(obj.size, self.config.part_size)
+        done = self.journal.partial_parts(obj, [part.size for part in parts])
+        contiguous = 0
+        while contiguous in done:
+            contiguous += 1
+        offset = parts[contiguous - 1].end + 1 if contiguous else 0
+        try:
+            info = os.lstat(temp)
+        except OSError:
+            info = None
+        if offset and (info is None or not stat.S_ISREG(info.st_mode) or info.st_size < offset):
+            offset = 0
+        if offset == 0:
+            self.journal.drop_partial(obj)
+        return parts, offset
+
     def _copy_body(
-        self, response: Response, fd: int, offset: int, end: int, hasher: StreamHasher | None
-    ) -> tuple[int, int]:
-        """Copy a response body to ``fd`` from ``offset``; returns (new offset, bytes read)."""
+        self,
+        response: Response,
+        fd: int,
+        offset: int,
+        end: int,
+        hasher: StreamHasher | None,
+        checkpoint: Callable[[int], None] | None = None,
+    ) -> tuple[int, int, Exception | None]:
+        """Copy a response body to ``fd`` from ``offset``; returns (new offset, bytes read, the read error or None).
+
+        A read error is returned, not raised, so the caller still learns how far the body got and resumes the
+        next request from there.
+        """
         chunk_size = self.config.chunk_size
         got = 0
         while offset < end:
             if self.stop.is_set():
                 raise Interrupted()
-            chunk = response.read(min(chunk_size, end - offset))
+            try:
+                chunk = response.read(min(chunk_size, end - offset))
+            except Exception as exc:
+                return offset, got, exc
             if not chunk:
                 break
             _pwrite_all(fd, chunk, offset)
@@ -2054,7 +2189,9 @@ class Transfer:
             offset += len(chunk)
             got += len(chunk)
             self.on_bytes(len(chunk))
-        return offset, got
+            if checkpoint is not None:
+                checkpoint(offset)
+        return offset, got, None
 
     def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part]) -> tuple[str | None, int]:
         """Ranged GETs in parallel into a preallocated temp file; done parts survive a crash via the journal."""
@@ -2064,6 +2201,8 @@ class Transfer:
         done: dict[int, str] = {}
         if self.journal is not None:
             done = self.journal.partial_parts(obj, layout)
+            if verify:  # parts a --no-verify run fetched carry no MD5 to rebuild the ETag from
+                done = {index: digest for index, digest in done.items() if digest}
         keep = bool(done) and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size
         if not keep:
             done = {}
@@ -2120,7 +2259,7 @@ class Transfer:
                     checksum = verify_md5(obj.etag, digests[0])
             self._finish(obj, temp, target)
             if self.journal is not None:
-                self.journal.record_done(obj, checksum, str(target))
+                self.journal.record_done(self._with_version(obj), checksum, str(target))
             return checksum, fetched
         finally:
             if fd >= 0:
@@ -2137,11 +2276,14 @@ class Transfer:
                 raise Interrupted()
             try:
                 response = self.engine.get(obj, (offset, part.end), if_match=obj.etag or None)
+                self._note_version(obj, response.headers)
                 try:
-                    offset, got = self._copy_body(response, fd, offset, part.end + 1, _Md5Sink(hasher))
+                    offset, got, fault = self._copy_body(response, fd, offset, part.end + 1, _Md5Sink(hasher))
                     fetched += got
                 finally:
                     response.close()
+                if fault is not None:
+                    raise fault
                 if offset != part.end + 1:
                     raise ConnectionError(f"part {part.index + 1} ended at byte {offset} of {part.end + 1}")
                 break
@@ -2902,6 +3044,7 @@ class AWSDataDownloader:
             ):
                 transfer = Transfer(engine, config, journal, part_pool, self._stop, tally.add_bytes)
                 transfer.root = root
+                transfer.pinned = manifest_objects is not None
                 in_flight = threading.BoundedSemaphore(workers * 4)
                 budget = DiskBudget(root, config.check_disk_space and not dry_run)
 
@@ -2922,6 +3065,8 @@ class AWSDataDownloader:
                     in_flight.release()
                     try:
                         result = future.result()
+                    except CancelledError:  # never started: the run was stopping (signal, disk full)
+                        result = DownloadResult(planned.obj, "interrupted", "stopped")
                     except DiskFull as exc:
                         result = DownloadResult(planned.obj, "failed", failure_reason(exc))
                         self._interrupt_reason = "disk full"
@@ -3075,6 +3220,8 @@ class AWSDataDownloader:
         reason = skip_reason(obj, local, done, config.overwrite_existing)
         if reason is not None:
             checksum = done.checksum if done is not None else None
+            if done is not None and done.version_id and not obj.version_id:
+                obj = dataclasses.replace(obj, version_id=done.version_id)
             return Planned(obj, target, DownloadResult(obj, "skipped", reason, str(target), checksum))
         return Planned(obj, target, None)
 
@@ -3285,6 +3432,8 @@ class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes through tqdm while a bar is on screen, so log lines never tear it."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False):  # already shown on the console in another form
+            return None
         if not _BAR_ACTIVE.is_set():
             return super().emit(record)
         try:
@@ -3367,7 +3516,11 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         if option.flag is None:
             continue
-        kwargs: dict[str, Any] = {"dest": option.key, "default": argparse.SUPPRESS, "help": option.help}
+        kwargs: dict[str, Any] = {
+            "dest": option.key,
+            "default": argparse.SUPPRESS,
+            "help": option.flag_help or option.help,
+        }
         if option.kind == "bool":
             kwargs["action"] = "store_const"
             kwargs["const"] = not option.inverted
@@ -3385,7 +3538,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif option.kind == "choice":
             kwargs["choices"] = option.choices
         else:
-            kwargs["metavar"] = "PATH" if option.key.endswith(("_dir", "_file", "manifest")) else option.key.upper()
+            kwargs["metavar"] = {"endpoint_url": "URL", "shard": "I/N"}.get(
+                option.key, "PATH" if option.key.endswith(("_dir", "_file", "manifest")) else option.key.upper()
+            )
         add(option.flag, **kwargs)
     return parser
 
@@ -3460,8 +3615,10 @@ def _run_cli(args: argparse.Namespace, config: Config) -> int:
             )
             code = EXIT_OK if summary.ok else EXIT_FAILED
     except DownloaderError as exc:
-        log.error("%s", exc)
-        if not args.json or exc.summary is None:
+        shown = not args.json or exc.summary is None
+        # The console gets the one "Error: ..." line; the log file keeps the timestamped record.
+        log.error("%s", exc, extra={"file_only": shown})
+        if shown:
             print(f"Error: {REDACTOR.redact(str(exc))}", file=sys.stderr)
         summary = exc.summary
         code = exc.exit_code
