@@ -2773,39 +2773,36 @@ class Tally:
 
 
 class Progress:
-    """Shows a run's progress: a bar when someone is watching, periodic log lines when not, or nothing."""
+    """Shows a run's progress: a bar when someone is watching, a log line every interval when not, or nothing.
+
+    The log lines come from a ticker thread, not from finished objects, so a cron log keeps saying what the
+    run is doing even while one large object takes minutes.
+    """
 
     def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float) -> None:
         self.tally = tally
         self.interval = interval
-        self.log_lines = log_lines
         self.started = time.monotonic()
-        self._last_line = self.started
+        self._lock = threading.Lock()
+        self._last_postfix = 0.0
         self._bar: Any = None
+        self._closed = threading.Event()
+        self._ticker: threading.Thread | None = None
         if bar:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=None, desc="Downloading", unit="files", dynamic_ncols=True, leave=True)
             _BAR_ACTIVE.set()
+        elif log_lines:
+            self._ticker = threading.Thread(target=self._tick, name="adl-progress", daemon=True)
+            self._ticker.start()
 
-    def set_total(self, total: int) -> None:
-        if self._bar is not None:
-            self._bar.total = total
-            self._bar.refresh()
+    def _speed(self) -> float:
+        return self.tally.streamed_bytes / max(time.monotonic() - self.started, 1e-9) / MiB
 
-    def update(self) -> None:
-        now = time.monotonic()
-        tally = self.tally
-        speed = tally.streamed_bytes / max(now - self.started, 1e-9) / MiB
-        if self._bar is not None:
-            self._bar.n = tally.finished
-            if now - self._last_line >= 0.1:
-                self._last_line = now
-                self._bar.set_postfix_str(
-                    f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={speed:.1f} MB/s"
-                )
-        elif self.log_lines and now - self._last_line >= self.interval:
-            self._last_line = now
+    def _tick(self) -> None:
+        while not self._closed.wait(self.interval):
+            tally = self.tally
             log.info(
                 "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s at %.1f MB/s",
                 f"{tally.finished:,}",
@@ -2814,17 +2811,53 @@ class Progress:
                 f"{tally.skipped:,}",
                 f"{tally.failed:,}",
                 format_size(tally.streamed_bytes),
-                speed,
+                self._speed(),
             )
 
+    def set_total(self, total: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
+    def update(self) -> None:
+        """Called as each object finishes (from worker threads)."""
+        if self._bar is None:
+            return
+        with self._lock:
+            if self._bar is None:
+                return
+            tally = self.tally
+            now = time.monotonic()
+            if now - self._last_postfix >= 0.5:
+                self._last_postfix = now
+                self._bar.set_postfix_str(
+                    f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s",
+                    refresh=False,
+                )
+            delta = tally.finished - self._bar.n
+            if delta > 0:
+                self._bar.update(delta)
+
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.n = self.tally.finished
-            self._bar.total = self.tally.total
-            self._bar.refresh()
-            self._bar.close()
-            self._bar = None
-            _BAR_ACTIVE.clear()
+        self._closed.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+        self._last_postfix = -math.inf  # the bar's last frame shows the final counts, not a stale postfix
+        self.update()
+        with self._lock:
+            if self._bar is not None:
+                tally = self.tally
+                self._bar.total = tally.total
+                self._bar.set_postfix_str(
+                    f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s",
+                    refresh=False,
+                )
+                self._bar.update(tally.finished - self._bar.n)
+                self._bar.close()
+                self._bar = None
+                _BAR_ACTIVE.clear()
 
 
 #: Set while a text bar is on screen, so console log lines go through tqdm.write and do not tear it.
