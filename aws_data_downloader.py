@@ -594,7 +594,8 @@ def make_session(config: Config, credentials: Credentials) -> Any:
             session = boto3.Session(profile_name=config.profile, region_name=config.region)
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(f"AWS profile '{config.profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
-    _redact_resolved_credentials(session)
+    if not config.no_sign_request:  # anonymous runs never resolve credentials (no IMDS wait on a laptop)
+        _redact_resolved_credentials(session)
     return session
 
 
