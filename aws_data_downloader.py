@@ -34,6 +34,7 @@ import errno
 import fnmatch
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -1171,6 +1172,8 @@ class Engine(Protocol):
 
     def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]: ...
 
+    def abort(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -1248,6 +1251,9 @@ class Boto3Engine:
 
     def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
         return iter_object_pages(self.client, bucket, [prefix], self._extra.get("RequestPayer"))
+
+    def abort(self) -> None:
+        pass  # urllib3's sockets are not ours to shut: a stalled read waits for read_timeout_s
 
     def close(self) -> None:
         pass
@@ -1507,6 +1513,15 @@ class _Http11Connection:
         will_close = version == "HTTP/1.0" or headers_in.get("connection", "").lower() == "close"
         return _Http11Response(file, status, headers_in, will_close)
 
+    def shutdown(self) -> None:
+        """Make a read blocked in another thread return (close() alone does not wake it on Linux)."""
+        import socket
+
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -1633,6 +1648,13 @@ class HttpEngine:
         for key, value in list(connections.items()):
             if value is connection:
                 del connections[key]
+
+    def abort(self) -> None:
+        """Shut down every open socket from another thread, so reads blocked on a silent server return now."""
+        with self._lock:
+            live = list(self._live)
+        for connection in live:
+            connection.shutdown()
 
     def close(self) -> None:
         """Close every connection the workers opened (call once the pools have shut down)."""
@@ -1898,6 +1920,8 @@ class Transfer:
         self.stop = stop
         self.on_bytes = on_bytes
         self._made_dirs: set[Path] = set()
+        #: Multipart objects whose parts are fetched on exact, per-part sizes after a mismatch.
+        self._exact_layout: set[tuple[str, str]] = set()
         self._dirs_lock = threading.Lock()
         self.root: Path | None = None
         #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
@@ -1947,7 +1971,11 @@ class Transfer:
             except Exception as exc:
                 if isinstance(exc, ChecksumMismatch):
                     self._discard_partial(obj, target)
-                if not is_retryable(exc) or attempts > self.config.retry_attempts or self.stop.is_set():
+                    if etag_kind(obj.etag) == "multipart":
+                        self._exact_layout.add((obj.bucket, obj.key))  # maybe uneven parts: ask each one next time
+                if self.stop.is_set():  # the stop shut its socket, or it failed while the run was ending
+                    return DownloadResult(obj, "interrupted", "stopped", None, None, fetched, attempts)
+                if not is_retryable(exc) or attempts > self.config.retry_attempts:
                     reason = failure_reason(exc)
                     log.debug(
                         "%s/%s failed after %d attempt(s)", obj.bucket, display_key(obj.key), attempts, exc_info=True
@@ -2049,9 +2077,11 @@ class Transfer:
         if count == 1:
             return plan_parts(obj.size, max(obj.size, 1))
         first = self.engine.part_size(obj, 1)
-        # Uneven parts can have the count equal ones would (6+5+1 MiB and 6+6+0.x MiB are both 3): check the last.
+        # Uneven parts can have the count equal ones would (6+5+1 MiB and 6+6+0.x MiB are both 3): check the last,
+        # and after a mismatch ask every part (uneven middle parts are legal too, only rarer).
         if (
-            first > 0
+            (obj.bucket, obj.key) not in self._exact_layout
+            and first > 0
             and math.ceil(obj.size / first) == count
             and self.engine.part_size(obj, count) == obj.size - (count - 1) * first
         ):
@@ -2916,6 +2946,10 @@ def _lock_file(handle: Any) -> None:
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+#: Listing pages (of up to 1,000 objects) planned before the first download, for an exact disk-space check.
+DISK_CHECK_PAGES = 10
+
+
 class DiskBudget:
     """Tracks bytes promised to downloads against the free space measured at the start."""
 
@@ -2970,13 +3004,28 @@ class AWSDataDownloader:
         self.config = base.replace(**overrides) if overrides else base
         self._stop = threading.Event()
         self._interrupt_reason: str | None = None
+        #: Shuts the running engine's sockets (set while a run is active).
+        self._abort: Callable[[], None] | None = None
 
     # -- public API -----------------------------------------------------------------------------------------
 
+    #: Seconds in-flight objects get to reach a chunk boundary after a stop, before their sockets are shut.
+    STOP_GRACE_S = 5.0
+
     def stop(self, reason: str = "interrupted") -> None:
-        """Ask a running download to stop after its in-flight objects; safe from a signal handler."""
+        """Ask a running download to stop; safe from a signal handler.
+
+        In-flight objects stop at their next chunk. A read stalled on a silent connection would wait for the
+        read timeout (60 s by default), so after STOP_GRACE_S the engine's sockets are shut down too.
+        """
+        first = not self._stop.is_set()
         self._interrupt_reason = reason
         self._stop.set()
+        abort = self._abort
+        if first and abort is not None:
+            timer = threading.Timer(self.STOP_GRACE_S, abort)
+            timer.daemon = True
+            timer.start()
 
     def run_full_download(
         self,
@@ -3069,6 +3118,7 @@ class AWSDataDownloader:
         stopped_reason: str | None = None
         workers = config.parallel_downloads
         engine = make_engine(session, client, config)
+        self._abort = engine.abort
         for bucket, region in regions.items():
             engine.set_bucket_region(bucket, region)
         try:
@@ -3116,13 +3166,13 @@ class AWSDataDownloader:
                 )
                 needed_more = 0
                 try:
-                    for page in pages:
-                        plans = [self._plan(obj, root, filters, config, journal) for obj in page]
-                        plans = [p for p in plans if p is not None]
-                        with tally.lock:
-                            tally.total += len(plans)
-                            tally.total_bytes += sum(p.obj.size for p in plans)
-                        page_bytes = sum(p.obj.size for p in plans if p.result is None)
+                    planned_pages = (self._plan_page(page, root, filters, config, journal, tally) for page in pages)
+                    # Plan the first pages before any download starts, so the disk check is exact for them (a
+                    # selection of up to DISK_CHECK_PAGES pages writes nothing when it does not fit).
+                    head = list(itertools.islice(planned_pages, DISK_CHECK_PAGES))
+                    if not budget.fits(sum(page_bytes for _, page_bytes in head)):
+                        stopped_reason = "disk space"
+                    for plans, page_bytes in itertools.chain(head, planned_pages):
                         if stopped_reason is not None or not budget.fits(page_bytes):
                             needed_more += page_bytes  # keep listing to say how much is needed
                             if stopped_reason is None:
@@ -3170,6 +3220,7 @@ class AWSDataDownloader:
                         self.stop("interrupted")
         finally:
             progress.close()
+            self._abort = None
             engine.close()
             if journal is not None:
                 with contextlib.suppress(OSError):
@@ -3231,6 +3282,22 @@ class AWSDataDownloader:
                     reason = f"listing bucket '{bucket}' failed: {code or status}"
                 log.warning("%s", reason)
                 problems.append(BucketProblem(bucket, reason))
+
+    def _plan_page(
+        self,
+        page: list[S3Object],
+        root: Path,
+        filters: Filters,
+        config: Config,
+        journal: ResumeJournal | None,
+        tally: Tally,
+    ) -> tuple[list[Planned], int]:
+        """Plan one listing page: the selected objects, and the bytes still to fetch for them."""
+        plans = [planned for obj in page if (planned := self._plan(obj, root, filters, config, journal)) is not None]
+        with tally.lock:
+            tally.total += len(plans)
+            tally.total_bytes += sum(planned.obj.size for planned in plans)
+        return plans, sum(planned.obj.size for planned in plans if planned.result is None)
 
     def _plan(
         self, obj: S3Object, root: Path, filters: Filters, config: Config, journal: ResumeJournal | None

@@ -315,6 +315,24 @@ def test_second_sigint_exits_at_once_without_corrupting(
     assert_complete(download_dir, dataset)
 
 
+def test_one_sigint_ends_a_run_stalled_on_silent_connections(
+    s3: S3Server, dataset: dict[str, bytes], tmp_path: Path, run_cli
+) -> None:
+    """A read blocked on a server that sends nothing would wait for read_timeout_s (60 s here); the stop shuts
+    the sockets down after AWSDataDownloader.STOP_GRACE_S instead, so one Ctrl-C is enough."""
+    download_dir = tmp_path / "data"
+    with slowed_run(s3, tmp_path, download_dir, stall=True) as (_proxy, run):
+        run.process.send_signal(signal.SIGINT)
+        code, out, _err = run.wait(30)  # well under the 60 s read timeout
+    assert code == adl.EXIT_INTERRUPTED
+    assert "DOWNLOAD SUMMARY" in out and "Failed:           0" in out
+    assert_consistent(download_dir, dataset)
+
+    code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+    assert code == adl.EXIT_OK, err
+    assert_complete(download_dir, dataset)
+
+
 # -- output without a terminal ----------------------------------------------------------------------------------
 
 

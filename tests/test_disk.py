@@ -99,11 +99,6 @@ def test_precheck_counts_only_what_is_left_to_fetch(
     assert objects_on_disk(download_dir) == files
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the budget is checked page by page as the listing streams: when the first listing page fits and a "
-    "later one does not, the first page is downloaded before the run exits 5",
-)
 def test_precheck_refuses_before_writing_when_the_listing_has_many_pages(
     s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
