@@ -176,6 +176,10 @@ class SeaweedFS:
 
     ACCESS_KEY = "seaweed-access"
     SECRET_KEY = "seaweed-secret-key-for-tests"
+    #: A second identity that may only list and read RESTRICTED_BUCKET: any other bucket answers 403.
+    RESTRICTED_ACCESS_KEY = "seaweed-restricted"
+    RESTRICTED_SECRET_KEY = "seaweed-restricted-secret-key"
+    RESTRICTED_BUCKET = "restricted-readable"
 
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
@@ -198,7 +202,14 @@ class SeaweedFS:
                             "name": "test",
                             "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
+                        },
+                        {
+                            "name": "restricted",
+                            "credentials": [
+                                {"accessKey": self.RESTRICTED_ACCESS_KEY, "secretKey": self.RESTRICTED_SECRET_KEY}
+                            ],
+                            "actions": [f"Read:{self.RESTRICTED_BUCKET}", f"List:{self.RESTRICTED_BUCKET}"],
+                        },
                     ]
                 }
             )
@@ -245,6 +256,12 @@ class SeaweedFS:
 
     def server(self) -> S3Server:
         return S3Server(f"http://127.0.0.1:{self.s3_port}", self.ACCESS_KEY, self.SECRET_KEY, "seaweedfs")
+
+    def restricted_server(self) -> S3Server:
+        """The same endpoint as the restricted identity (list and read RESTRICTED_BUCKET only)."""
+        return S3Server(
+            f"http://127.0.0.1:{self.s3_port}", self.RESTRICTED_ACCESS_KEY, self.RESTRICTED_SECRET_KEY, "seaweedfs"
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
