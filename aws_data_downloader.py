@@ -3091,7 +3091,7 @@ class AWSDataDownloader:
                 buckets, problems = discover_buckets(client, config.buckets, regions)
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsError(credentials_problem(botocore.exceptions.NoCredentialsError()) or "") from None
-        if not config.no_sign_request:
+        if not config.no_sign_request and (buckets or manifest_objects is not None):
             log.info("AWS credentials validated successfully")
         for problem in problems:
             log.warning("%s", problem.reason)
@@ -3209,6 +3209,12 @@ class AWSDataDownloader:
                         raise CredentialsError(problem) from None
                     raise DownloaderError(f"listing failed: {exc}") from None
                 progress.set_total(tally.total)
+                if not self._stop.is_set():
+                    log.info(
+                        "Found %s objects to download (%s); listing complete",
+                        f"{tally.total:,}",
+                        format_size(tally.total_bytes),
+                    )
                 if self._stop.is_set():
                     object_pool.shutdown(wait=False, cancel_futures=True)
                 # Leaving the with-block joins both pools; a Ctrl-C while waiting becomes a stop request.
