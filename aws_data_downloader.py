@@ -18,9 +18,9 @@ verified against the object's ETag or S3 checksum while it streams, and renamed 
 A resume journal (``download_resume.json``) lets a re-run skip what is done and continue large objects from
 the parts already on disk.
 
-The file reads top to bottom in the order data flows: errors -> config -> session/credentials -> bucket
-discovery -> streaming listing -> filters -> local-path plan -> transfer -> verification -> resume journal ->
-progress/summary -> the downloader -> demo -> CLI.
+The file reads top to bottom in the order data flows: errors -> config -> session/credentials -> S3 requests
+(the engines) -> bucket discovery -> streaming listing -> filters -> local-path plan -> transfer -> verification
+-> resume journal -> progress/summary -> run guards -> the downloader -> manifest -> demo -> CLI.
 """
 
 from __future__ import annotations
@@ -677,340 +677,13 @@ def credentials_problem(exc: BaseException) -> str | None:
 
 
 ###############################################################################
-# Bucket discovery
+# S3 requests: the engines
 ###############################################################################
-# With no buckets named we list the account's and probe each, so one denied bucket costs a warning, not the run.
-
-
-@dataclass(frozen=True, slots=True)
-class BucketProblem:
-    """A bucket we cannot download from, and why, in the user's words."""
-
-    bucket: str
-    reason: str
-
-
-def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | None]:
-    """Check one bucket is readable; returns (its region, None) or (None, the problem)."""
-    import botocore.exceptions
-
-    try:
-        response = client.head_bucket(Bucket=bucket)
-        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        return headers.get("x-amz-bucket-region"), None
-    except botocore.exceptions.ClientError as exc:
-        problem = credentials_problem(exc)
-        if problem:
-            raise CredentialsError(problem) from None
-        status, code = error_code(exc)
-        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-            return None, BucketProblem(bucket, f"bucket '{bucket}' does not exist")
-        if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
-            # A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403 (on AWS
-            # and SeaweedFS alike); a one-key listing's error body tells them apart.
-            try:
-                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as list_exc:
-                problem = credentials_problem(list_exc)
-                if problem:
-                    raise CredentialsError(problem) from None
-                return None, BucketProblem(bucket, f"Access Denied for bucket '{bucket}'")
-            return None, None  # listing, which is what a download needs, is allowed
-        if status == 301 or code == "PermanentRedirect":
-            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            return headers.get("x-amz-bucket-region"), None
-        return None, BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
-    except botocore.exceptions.BotoCoreError as exc:
-        problem = credentials_problem(exc)
-        if problem:
-            raise CredentialsError(problem) from None
-        raise DownloaderError(f"cannot reach S3 for bucket '{bucket}': {exc}") from None
-
-
-def discover_buckets(
-    client: Any, named: Sequence[str], regions: dict[str, str] | None = None
-) -> tuple[list[str], list[BucketProblem]]:
-    """The buckets to download from and the ones we cannot read; fills ``regions`` with each bucket's region.
-
-    Named buckets are probed as given; otherwise the account's buckets are listed and each is probed.
-    """
-    import botocore.exceptions
-
-    names = list(dict.fromkeys(named))
-    if not names:
-        try:
-            names = [entry["Name"] for entry in client.list_buckets().get("Buckets", [])]
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            problem = credentials_problem(exc)
-            if problem:
-                raise CredentialsError(problem) from None
-            status, code = error_code(exc)
-            if status == 403 or code == "AccessDenied":
-                raise NothingAccessibleError(
-                    "Access Denied for listing buckets; name the buckets to download with --buckets"
-                ) from None
-            raise DownloaderError(f"cannot list buckets: {exc}") from None
-    accessible: list[str] = []
-    problems: list[BucketProblem] = []
-    for name in names:
-        region, problem = probe_bucket(client, name)
-        if problem:
-            problems.append(problem)
-        else:
-            accessible.append(name)
-            if region and regions is not None:
-                regions[name] = region
-    return accessible, problems
-
-
-###############################################################################
-# Streaming listing
-###############################################################################
-# ListObjectsV2 pages feed the workers as they arrive, so the first download starts after the first page and
-# memory stays flat however large the bucket is.
-
-
-@dataclass(frozen=True, slots=True)
-class S3Object:
-    """One object as the listing (or a manifest) describes it; everything downstream keys off this."""
-
-    bucket: str
-    key: str
-    size: int
-    etag: str  #: without the surrounding quotes
-    last_modified: float  #: seconds since the epoch
-    storage_class: str = "STANDARD"
-    version_id: str | None = None
-
-
-def collapse_prefixes(prefixes: Iterable[str]) -> list[str]:
-    """Drop prefixes that another given prefix already covers, so no object is listed twice."""
-    unique = sorted(set(prefixes))
-    kept: list[str] = []
-    for prefix in unique:
-        if not any(prefix.startswith(outer) for outer in kept):
-            kept.append(prefix)
-    return kept or [""]
-
-
-def object_from_listing(bucket: str, entry: Mapping[str, Any]) -> S3Object:
-    modified = entry.get("LastModified")
-    return S3Object(
-        bucket=bucket,
-        key=entry["Key"],
-        size=int(entry.get("Size", 0)),
-        etag=str(entry.get("ETag", "")).strip('"'),
-        last_modified=modified.timestamp() if modified is not None else 0.0,
-        storage_class=entry.get("StorageClass") or "STANDARD",
-    )
-
-
-def iter_object_pages(
-    client: Any, bucket: str, prefixes: Sequence[str], request_payer: str | None = None
-) -> Iterator[list[S3Object]]:
-    """Yield the bucket's objects a page at a time; folder markers (keys ending in '/', no data) are not files."""
-    paginator = client.get_paginator("list_objects_v2")
-    extra = {"RequestPayer": request_payer} if request_payer else {}
-    for prefix in collapse_prefixes(prefixes):
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **extra):
-            objects = [
-                object_from_listing(bucket, entry)
-                for entry in page.get("Contents", [])
-                if not (entry["Key"].endswith("/") and int(entry.get("Size", 0)) == 0)
-            ]
-            if objects:
-                yield objects
-
-
-###############################################################################
-# Filters
-###############################################################################
-# Pure functions: what to keep is decided from the listing alone, before any local or network I/O.
-
-#: Storage classes whose objects cannot be read without a restore request first.
-ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """The selection rules of a run, normalised once (lower-cased extensions, sizes in bytes)."""
-
-    extensions: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    min_size: int = 0
-    max_size: int | None = None
-    shard: tuple[int, int] | None = None
-
-    @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
-        extensions = tuple(
-            (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
-        )
-        return cls(
-            extensions=extensions,
-            include=config.include,
-            exclude=config.exclude,
-            min_size=int(config.min_file_size_mb * MiB),
-            max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
-            shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
-        )
-
-
-def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
-    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
-    index_text, _, count_text = text.partition("/")
-    if not count_text.isdecimal() or int(count_text) < 1:
-        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
-    count = int(count_text)
-    if index_text == "auto":
-        if not environ:  # validation time: 'auto' is resolved when the run starts
-            return (0, count)
-        for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
-            if environ.get(variable, "").isdecimal():
-                index_text = environ[variable]
-                break
-        else:
-            raise ConfigError(
-                "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
-            )
-    if not index_text.isdecimal() or int(index_text) >= count:
-        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
-    return int(index_text), count
-
-
-def shard_of(bucket: str, key: str, count: int) -> int:
-    """A stable shard number: the same on every machine and Python version (unlike hash())."""
-    digest = hashlib.blake2b(f"{bucket}/{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
-
-
-def filter_reason(obj: S3Object, filters: Filters) -> str | None:
-    """Why the object is left out of the selection, or None if it is selected."""
-    if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
-        return "other shard"
-    lowered = obj.key.lower()
-    if filters.extensions and not lowered.endswith(filters.extensions):
-        return "extension"
-    if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
-        return "not included"
-    if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
-        return "excluded"
-    if obj.size < filters.min_size:
-        return "smaller than min_file_size_mb"
-    if filters.max_size is not None and obj.size > filters.max_size:
-        return "larger than max_file_size_mb"
-    return None
-
-
-###############################################################################
-# Local-path plan
-###############################################################################
-# Object keys are untrusted input. One function decides whether a key can be stored, one whether an object
-# is skipped; nothing is ever written outside the download directory or through a symlink.
-
-
-class UnsafeKeyError(ValueError):
-    """The key cannot be stored under the download directory as it is."""
-
-
-#: Control characters (C0, DEL, C1): they could forge log lines and are refused in file names.
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
-NAME_MAX = 255
-#: What display_key escapes: the control characters, and the Unicode line/paragraph separators.
-_LINE_BREAKERS = {**_CONTROL, 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
-def display_key(key: str) -> str:
-    """A key made safe to print on one line: control characters (newlines included) shown as escapes."""
-    return key.translate(_LINE_BREAKERS)
-
-
-def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
-    """Where ``key`` is stored: ``<download_dir>/<bucket>/<key>``, or UnsafeKeyError with the reason."""
-    for name, value in (("bucket", bucket), ("key", key)):
-        if not value:
-            raise UnsafeKeyError(f"unsafe key: empty {name}")
-        if _CONTROL_RE.search(value):
-            raise UnsafeKeyError(f"unsafe key: control character in {name}")
-    if "/" in bucket or bucket in (".", ".."):
-        raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
-    if key.startswith("/"):
-        raise UnsafeKeyError("unsafe key: absolute path")
-    parts = key.split("/")
-    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafeKeyError(f"unsafe key: path component {part or '(empty)'!r}")
-        if any(sep in part for sep in separators):
-            raise UnsafeKeyError("unsafe key: path separator of this OS in a component")
-        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
-            raise UnsafeKeyError(f"unsafe key: path component longer than {NAME_MAX} bytes")
-    return download_dir.joinpath(bucket, *parts)
-
-
-def temp_path_for(target: Path, key: str) -> Path:
-    """The temporary file beside ``target``: hidden, stable across runs (so parts resume), and short.
-
-    Its name is derived from the key, not the file name, so a 255-byte file name still fits.
-    """
-    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return target.with_name(f".adl-{digest}.part")
-
-
-@dataclass(frozen=True, slots=True)
-class CompletedEntry:
-    """What the resume journal remembers of a finished object."""
-
-    etag: str
-    size: int
-    version_id: str | None = None
-    checksum: str | None = None  #: "md5:<hex>", "crc32:<b64>", ... or "unverifiable: <reason>"
-    path: str | None = None
-
-
-def skip_reason(
-    obj: S3Object, local: os.stat_result | None, done: CompletedEntry | None, overwrite: bool
-) -> str | None:
-    """Why the object need not be downloaded again, or None. The one place this is decided.
-
-    A journal entry with the same ETag and size proves the local file; without one, a file of the same size
-    that is not older than the object is taken as current (what ``aws s3 sync`` does).
-    """
-    if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
-        return None
-    if done is not None:
-        if done.etag == obj.etag and done.size == obj.size:
-            return "already downloaded"
-        return None  # the object changed since we downloaded it
-    if local.st_mtime + 1e-6 >= obj.last_modified:
-        return "exists locally (same size, not older)"
-    return None
-
-
-###############################################################################
-# Transfer
-###############################################################################
-# One object in, one result out: Transfer.download(obj, target) -> DownloadResult. Below it, an Engine makes
-# the HTTP requests; swapping the engine changes nothing above this line.
-#
-# Small objects take one GET streamed to a temporary file. Large ones (>= multipart_threshold) are fetched in
-# ranged parts written in place with os.pwrite, each part recorded in the resume journal, so a re-run fetches
-# only what is missing. Every GET carries If-Match with the listed ETag, so two versions are never stitched.
-
-
-@dataclass(frozen=True, slots=True)
-class DownloadResult:
-    """The outcome of one object."""
-
-    obj: S3Object
-    status: str  #: "downloaded", "skipped", "failed" or "interrupted"
-    reason: str = ""  #: why skipped or failed, in the user's words
-    path: str | None = None
-    checksum: str | None = None
-    bytes_fetched: int = 0
-    attempts: int = 0
+# Every request after the session is made goes through an Engine: listing pages, GETs (whole, ranged, with
+# If-Match) and part sizes. HttpEngine is the default and the fast one: a minimal HTTP/1.1 client with a
+# keep-alive connection per worker thread and a SigV4 signer that caches the day's key, while credentials,
+# endpoint, addressing style and region still come from botocore. Boto3Engine sends the same requests through
+# the shared boto3 client; it is used behind an HTTP proxy, or when the config asks for it.
 
 
 class S3Error(Exception):
@@ -1024,123 +697,6 @@ class S3Error(Exception):
 
 class ObjectChanged(Exception):
     """If-Match failed: the object was replaced after we listed it."""
-
-
-class ChecksumMismatch(Exception):
-    """The bytes received do not match the object's ETag or checksum."""
-
-
-class DiskFull(Exception):
-    """ENOSPC while writing; the whole run stops."""
-
-
-class Interrupted(Exception):
-    """The run's stop event was set while this object was in flight."""
-
-
-#: S3 error codes worth another try: throttling and the server's own trouble.
-RETRYABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "503",
-        "500",
-    }
-)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """The one place that decides which failures another attempt may cure."""
-    import http.client
-
-    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError, http.client.HTTPException)):
-        return True
-    if isinstance(exc, S3Error):
-        return exc.status >= 500 or exc.status == 429 or exc.code in RETRYABLE_CODES
-    if isinstance(exc, (DiskFull, Interrupted, ObjectChanged, UnsafeKeyError)):
-        return False
-    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
-        return False  # a local path conflict (raised with errno None) is no network fault: retrying cannot cure it
-    try:
-        import botocore.exceptions
-        import urllib3.exceptions
-    except ImportError:  # pragma: no cover - both ship with boto3
-        return False
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.IncompleteReadError)):
-        return True
-    if isinstance(exc, (urllib3.exceptions.HTTPError,)):
-        return True
-    response_streaming = getattr(botocore.exceptions, "ResponseStreamingError", None)
-    if response_streaming is not None and isinstance(exc, response_streaming):
-        return True
-    return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The user's words for a final failure, grouped in the summary."""
-    if isinstance(exc, UnsafeKeyError):
-        return str(exc)
-    if isinstance(exc, ChecksumMismatch):
-        return "checksum mismatch"
-    if isinstance(exc, S3Error):
-        if exc.status == 403 or exc.code == "AccessDenied":
-            return "access denied"
-        if exc.status == 404 or exc.code in ("NoSuchKey", "NoSuchVersion"):
-            return "not found (deleted since listing)"
-        if exc.code == "InvalidObjectState":
-            return "archived (restore it first)"
-        return f"S3 error {exc.code or exc.status}"
-    if isinstance(exc, ObjectChanged):
-        return "object kept changing during download"
-    if isinstance(exc, DiskFull):
-        return "no space left on device"
-    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
-        return "path conflict: a file and a directory share this path"
-    if isinstance(exc, PermissionError):
-        return "permission denied writing the file"
-    if is_retryable(exc):
-        return f"network error: {type(exc).__name__}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def backoff_delay(attempt: int, base: float, cap: float = 20.0, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter (AWS's recommendation): uniform in [0, min(cap, base * 2**n)]."""
-    return (rng or random).uniform(0, min(cap, base * (2**attempt)))
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """A byte range of an object that is fetched, hashed and journaled as one unit."""
-
-    index: int  #: 0-based; S3's PartNumber is index + 1
-    start: int  #: first byte
-    end: int  #: last byte, inclusive (as in a Range header)
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start + 1
-
-
-def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
-    """Cut ``size`` bytes into parts: all of one size (the last shorter), or of the given sizes in order."""
-    sizes = [part_sizes] * max(1, math.ceil(size / part_sizes)) if isinstance(part_sizes, int) else list(part_sizes)
-    parts, start = [], 0
-    for index, part_size in enumerate(sizes):
-        end = min(size, start + part_size) - 1
-        if end < start:
-            break
-        parts.append(Part(index, start, end))
-        start = end + 1
-    if start != size:
-        raise ValueError(f"part sizes {sizes[:3]}... do not add up to the object size {size}")
-    return parts
 
 
 class Response(Protocol):
@@ -1871,6 +1427,461 @@ def _parse_s3_error(body: bytes) -> tuple[str, str, str]:
         return (element.text or "") if element is not None else ""
 
     return text("Code"), text("Message"), text("Region")
+
+
+###############################################################################
+# Bucket discovery
+###############################################################################
+# With no buckets named we list the account's and probe each, so one denied bucket costs a warning, not the run.
+
+
+@dataclass(frozen=True, slots=True)
+class BucketProblem:
+    """A bucket we cannot download from, and why, in the user's words."""
+
+    bucket: str
+    reason: str
+
+
+def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | None]:
+    """Check one bucket is readable; returns (its region, None) or (None, the problem)."""
+    import botocore.exceptions
+
+    try:
+        response = client.head_bucket(Bucket=bucket)
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return headers.get("x-amz-bucket-region"), None
+    except botocore.exceptions.ClientError as exc:
+        problem = credentials_problem(exc)
+        if problem:
+            raise CredentialsError(problem) from None
+        status, code = error_code(exc)
+        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+            return None, BucketProblem(bucket, f"bucket '{bucket}' does not exist")
+        if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
+            # A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403 (on AWS
+            # and SeaweedFS alike); a one-key listing's error body tells them apart.
+            try:
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as list_exc:
+                problem = credentials_problem(list_exc)
+                if problem:
+                    raise CredentialsError(problem) from None
+                return None, BucketProblem(bucket, f"Access Denied for bucket '{bucket}'")
+            return None, None  # listing, which is what a download needs, is allowed
+        if status == 301 or code == "PermanentRedirect":
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            return headers.get("x-amz-bucket-region"), None
+        return None, BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
+    except botocore.exceptions.BotoCoreError as exc:
+        problem = credentials_problem(exc)
+        if problem:
+            raise CredentialsError(problem) from None
+        raise DownloaderError(f"cannot reach S3 for bucket '{bucket}': {exc}") from None
+
+
+def discover_buckets(
+    client: Any, named: Sequence[str], regions: dict[str, str] | None = None
+) -> tuple[list[str], list[BucketProblem]]:
+    """The buckets to download from and the ones we cannot read; fills ``regions`` with each bucket's region.
+
+    Named buckets are probed as given; otherwise the account's buckets are listed and each is probed.
+    """
+    import botocore.exceptions
+
+    names = list(dict.fromkeys(named))
+    if not names:
+        try:
+            names = [entry["Name"] for entry in client.list_buckets().get("Buckets", [])]
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            problem = credentials_problem(exc)
+            if problem:
+                raise CredentialsError(problem) from None
+            status, code = error_code(exc)
+            if status == 403 or code == "AccessDenied":
+                raise NothingAccessibleError(
+                    "Access Denied for listing buckets; name the buckets to download with --buckets"
+                ) from None
+            raise DownloaderError(f"cannot list buckets: {exc}") from None
+    accessible: list[str] = []
+    problems: list[BucketProblem] = []
+    for name in names:
+        region, problem = probe_bucket(client, name)
+        if problem:
+            problems.append(problem)
+        else:
+            accessible.append(name)
+            if region and regions is not None:
+                regions[name] = region
+    return accessible, problems
+
+
+###############################################################################
+# Streaming listing
+###############################################################################
+# ListObjectsV2 pages feed the workers as they arrive, so the first download starts after the first page and
+# memory stays flat however large the bucket is.
+
+
+@dataclass(frozen=True, slots=True)
+class S3Object:
+    """One object as the listing (or a manifest) describes it; everything downstream keys off this."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str  #: without the surrounding quotes
+    last_modified: float  #: seconds since the epoch
+    storage_class: str = "STANDARD"
+    version_id: str | None = None
+
+
+def collapse_prefixes(prefixes: Iterable[str]) -> list[str]:
+    """Drop prefixes that another given prefix already covers, so no object is listed twice."""
+    unique = sorted(set(prefixes))
+    kept: list[str] = []
+    for prefix in unique:
+        if not any(prefix.startswith(outer) for outer in kept):
+            kept.append(prefix)
+    return kept or [""]
+
+
+def object_from_listing(bucket: str, entry: Mapping[str, Any]) -> S3Object:
+    modified = entry.get("LastModified")
+    return S3Object(
+        bucket=bucket,
+        key=entry["Key"],
+        size=int(entry.get("Size", 0)),
+        etag=str(entry.get("ETag", "")).strip('"'),
+        last_modified=modified.timestamp() if modified is not None else 0.0,
+        storage_class=entry.get("StorageClass") or "STANDARD",
+    )
+
+
+def iter_object_pages(
+    client: Any, bucket: str, prefixes: Sequence[str], request_payer: str | None = None
+) -> Iterator[list[S3Object]]:
+    """Yield the bucket's objects a page at a time; folder markers (keys ending in '/', no data) are not files."""
+    paginator = client.get_paginator("list_objects_v2")
+    extra = {"RequestPayer": request_payer} if request_payer else {}
+    for prefix in collapse_prefixes(prefixes):
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **extra):
+            objects = [
+                object_from_listing(bucket, entry)
+                for entry in page.get("Contents", [])
+                if not (entry["Key"].endswith("/") and int(entry.get("Size", 0)) == 0)
+            ]
+            if objects:
+                yield objects
+
+
+###############################################################################
+# Filters
+###############################################################################
+# Pure functions: what to keep is decided from the listing alone, before any local or network I/O.
+
+#: Storage classes whose objects cannot be read without a restore request first.
+ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """The selection rules of a run, normalised once (lower-cased extensions, sizes in bytes)."""
+
+    extensions: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_size: int = 0
+    max_size: int | None = None
+    shard: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
+        extensions = tuple(
+            (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
+        )
+        return cls(
+            extensions=extensions,
+            include=config.include,
+            exclude=config.exclude,
+            min_size=int(config.min_file_size_mb * MiB),
+            max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
+            shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
+        )
+
+
+def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
+    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
+    index_text, _, count_text = text.partition("/")
+    if not count_text.isdecimal() or int(count_text) < 1:
+        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
+    count = int(count_text)
+    if index_text == "auto":
+        if not environ:  # validation time: 'auto' is resolved when the run starts
+            return (0, count)
+        for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
+            if environ.get(variable, "").isdecimal():
+                index_text = environ[variable]
+                break
+        else:
+            raise ConfigError(
+                "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
+            )
+    if not index_text.isdecimal() or int(index_text) >= count:
+        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
+    return int(index_text), count
+
+
+def shard_of(bucket: str, key: str, count: int) -> int:
+    """A stable shard number: the same on every machine and Python version (unlike hash())."""
+    digest = hashlib.blake2b(f"{bucket}/{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def filter_reason(obj: S3Object, filters: Filters) -> str | None:
+    """Why the object is left out of the selection, or None if it is selected."""
+    if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
+        return "other shard"
+    lowered = obj.key.lower()
+    if filters.extensions and not lowered.endswith(filters.extensions):
+        return "extension"
+    if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
+        return "not included"
+    if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
+        return "excluded"
+    if obj.size < filters.min_size:
+        return "smaller than min_file_size_mb"
+    if filters.max_size is not None and obj.size > filters.max_size:
+        return "larger than max_file_size_mb"
+    return None
+
+
+###############################################################################
+# Local-path plan
+###############################################################################
+# Object keys are untrusted input. One function decides whether a key can be stored, one whether an object
+# is skipped; nothing is ever written outside the download directory or through a symlink.
+
+
+class UnsafeKeyError(ValueError):
+    """The key cannot be stored under the download directory as it is."""
+
+
+#: Control characters (C0, DEL, C1): they could forge log lines and are refused in file names.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+NAME_MAX = 255
+#: What display_key escapes: the control characters, and the Unicode line/paragraph separators.
+_LINE_BREAKERS = {**_CONTROL, 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def display_key(key: str) -> str:
+    """A key made safe to print on one line: control characters (newlines included) shown as escapes."""
+    return key.translate(_LINE_BREAKERS)
+
+
+def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
+    """Where ``key`` is stored: ``<download_dir>/<bucket>/<key>``, or UnsafeKeyError with the reason."""
+    for name, value in (("bucket", bucket), ("key", key)):
+        if not value:
+            raise UnsafeKeyError(f"unsafe key: empty {name}")
+        if _CONTROL_RE.search(value):
+            raise UnsafeKeyError(f"unsafe key: control character in {name}")
+    if "/" in bucket or bucket in (".", ".."):
+        raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
+    if key.startswith("/"):
+        raise UnsafeKeyError("unsafe key: absolute path")
+    parts = key.split("/")
+    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafeKeyError(f"unsafe key: path component {part or '(empty)'!r}")
+        if any(sep in part for sep in separators):
+            raise UnsafeKeyError("unsafe key: path separator of this OS in a component")
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise UnsafeKeyError(f"unsafe key: path component longer than {NAME_MAX} bytes")
+    return download_dir.joinpath(bucket, *parts)
+
+
+def temp_path_for(target: Path, key: str) -> Path:
+    """The temporary file beside ``target``: hidden, stable across runs (so parts resume), and short.
+
+    Its name is derived from the key, not the file name, so a 255-byte file name still fits.
+    """
+    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return target.with_name(f".adl-{digest}.part")
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedEntry:
+    """What the resume journal remembers of a finished object."""
+
+    etag: str
+    size: int
+    version_id: str | None = None
+    checksum: str | None = None  #: "md5:<hex>", "crc32:<b64>", ... or "unverifiable: <reason>"
+    path: str | None = None
+
+
+def skip_reason(
+    obj: S3Object, local: os.stat_result | None, done: CompletedEntry | None, overwrite: bool
+) -> str | None:
+    """Why the object need not be downloaded again, or None. The one place this is decided.
+
+    A journal entry with the same ETag and size proves the local file; without one, a file of the same size
+    that is not older than the object is taken as current (what ``aws s3 sync`` does).
+    """
+    if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
+        return None
+    if done is not None:
+        if done.etag == obj.etag and done.size == obj.size:
+            return "already downloaded"
+        return None  # the object changed since we downloaded it
+    if local.st_mtime + 1e-6 >= obj.last_modified:
+        return "exists locally (same size, not older)"
+    return None
+
+
+###############################################################################
+# Transfer
+###############################################################################
+# One object in, one result out: Transfer.download(obj, target) -> DownloadResult. It asks an Engine (above)
+# for bytes; swapping the engine changes nothing here.
+#
+# Small objects take one GET streamed to a temporary file. Multipart objects are fetched on their own part
+# boundaries in parallel, written in place with os.pwrite, each part recorded in the resume journal, so a re-run
+# fetches only what is missing; large single-part objects stream with a running MD5 and journal each boundary
+# they pass. Every GET carries If-Match with the listed ETag, so two versions are never stitched.
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    """The outcome of one object."""
+
+    obj: S3Object
+    status: str  #: "downloaded", "skipped", "failed" or "interrupted"
+    reason: str = ""  #: why skipped or failed, in the user's words
+    path: str | None = None
+    checksum: str | None = None
+    bytes_fetched: int = 0
+    attempts: int = 0
+
+
+class ChecksumMismatch(Exception):
+    """The bytes received do not match the object's ETag or checksum."""
+
+
+class DiskFull(Exception):
+    """ENOSPC while writing; the whole run stops."""
+
+
+class Interrupted(Exception):
+    """The run's stop event was set while this object was in flight."""
+
+
+#: S3 error codes worth another try: throttling and the server's own trouble.
+RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "503",
+        "500",
+    }
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The one place that decides which failures another attempt may cure."""
+    import http.client
+
+    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError, http.client.HTTPException)):
+        return True
+    if isinstance(exc, S3Error):
+        return exc.status >= 500 or exc.status == 429 or exc.code in RETRYABLE_CODES
+    if isinstance(exc, (DiskFull, Interrupted, ObjectChanged, UnsafeKeyError)):
+        return False
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
+        return False  # a local path conflict (raised with errno None) is no network fault: retrying cannot cure it
+    try:
+        import botocore.exceptions
+        import urllib3.exceptions
+    except ImportError:  # pragma: no cover - both ship with boto3
+        return False
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.IncompleteReadError)):
+        return True
+    if isinstance(exc, (urllib3.exceptions.HTTPError,)):
+        return True
+    response_streaming = getattr(botocore.exceptions, "ResponseStreamingError", None)
+    if response_streaming is not None and isinstance(exc, response_streaming):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The user's words for a final failure, grouped in the summary."""
+    if isinstance(exc, UnsafeKeyError):
+        return str(exc)
+    if isinstance(exc, ChecksumMismatch):
+        return "checksum mismatch"
+    if isinstance(exc, S3Error):
+        if exc.status == 403 or exc.code == "AccessDenied":
+            return "access denied"
+        if exc.status == 404 or exc.code in ("NoSuchKey", "NoSuchVersion"):
+            return "not found (deleted since listing)"
+        if exc.code == "InvalidObjectState":
+            return "archived (restore it first)"
+        return f"S3 error {exc.code or exc.status}"
+    if isinstance(exc, ObjectChanged):
+        return "object kept changing during download"
+    if isinstance(exc, DiskFull):
+        return "no space left on device"
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return "path conflict: a file and a directory share this path"
+    if isinstance(exc, PermissionError):
+        return "permission denied writing the file"
+    if is_retryable(exc):
+        return f"network error: {type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 20.0, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter (AWS's recommendation): uniform in [0, min(cap, base * 2**n)]."""
+    return (rng or random).uniform(0, min(cap, base * (2**attempt)))
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A byte range of an object that is fetched, hashed and journaled as one unit."""
+
+    index: int  #: 0-based; S3's PartNumber is index + 1
+    start: int  #: first byte
+    end: int  #: last byte, inclusive (as in a Range header)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
+    """Cut ``size`` bytes into parts: all of one size (the last shorter), or of the given sizes in order."""
+    sizes = [part_sizes] * max(1, math.ceil(size / part_sizes)) if isinstance(part_sizes, int) else list(part_sizes)
+    parts, start = [], 0
+    for index, part_size in enumerate(sizes):
+        end = min(size, start + part_size) - 1
+        if end < start:
+            break
+        parts.append(Part(index, start, end))
+        start = end + 1
+    if start != size:
+        raise ValueError(f"part sizes {sizes[:3]}... do not add up to the object size {size}")
+    return parts
 
 
 def _hash_file_prefix(path: Path, length: int, hasher: StreamHasher) -> None:
