@@ -30,6 +30,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import errno
 import fnmatch
 import hashlib
@@ -788,7 +789,12 @@ class Boto3Engine:
         params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "PartNumber": part_number}
         if obj.version_id:
             params["VersionId"] = obj.version_id
-        return int(self._call(self.client.head_object, **params)["ContentLength"])
+        try:
+            return int(self._call(self.client.head_object, **params)["ContentLength"])
+        except S3Error as exc:
+            if exc.status in (400, 416) or exc.code == "InvalidPartNumber":  # replaced by one with fewer parts
+                raise ObjectChanged(obj.key) from None
+            raise
 
     def head(self, obj: S3Object) -> S3Object:
         params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
@@ -928,14 +934,16 @@ class _Http11Response:
 
     __slots__ = ("_chunk_left", "_chunked", "_file", "_remaining", "headers", "status", "will_close")
 
-    def __init__(self, file: Any, status: int, headers: dict[str, str], will_close: bool) -> None:
+    def __init__(
+        self, file: Any, status: int, headers: dict[str, str], will_close: bool, has_body: bool = True
+    ) -> None:
         self._file = file
         self.status = status
         self.headers = headers
         self.will_close = will_close
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self._chunk_left = 0
-        if status in (204, 304) or 100 <= status < 200:
+        if not has_body or status in (204, 304) or 100 <= status < 200:  # a HEAD answer has headers only
             self._remaining: int | None = 0
         elif self._chunked:
             self._remaining = None
@@ -1067,7 +1075,7 @@ class _Http11Connection:
             if status != 100:
                 break
         will_close = version == "HTTP/1.0" or headers_in.get("connection", "").lower() == "close"
-        return _Http11Response(file, status, headers_in, will_close)
+        return _Http11Response(file, status, headers_in, will_close, has_body=method != "HEAD")
 
     def shutdown(self) -> None:
         """Make a read blocked in another thread return (close() alone does not wake it on Linux)."""
@@ -1131,7 +1139,7 @@ class HttpEngine:
         self._live: set[Any] = set()
         self._lock = threading.Lock()
         self._ssl_context: Any = None
-        self._user_agent = f"aws-data-downloader/{__version__} python-http.client"
+        self._user_agent = f"aws-data-downloader/{__version__} python"
 
     # -- addressing -----------------------------------------------------------------------------------------
 
@@ -1277,9 +1285,14 @@ class HttpEngine:
                 time.sleep(delay)
 
     def _open(
-        self, bucket: str, key: str | None, query: list[tuple[str, str]], headers: dict[str, str]
+        self,
+        bucket: str,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        method: str = "GET",
     ) -> tuple[Any, Any]:
-        """Send a signed GET for a key (or the bucket itself when key is None) and return a 2xx response.
+        """Send a signed GET (or HEAD) for a key, or the bucket itself when key is None; return a 2xx response.
 
         Follows region redirects (301, or 400 with the right region) and 307s; raises ObjectChanged on 412 and
         S3Error on any other error response.
@@ -1297,13 +1310,13 @@ class HttpEngine:
             target = path + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote) if query else "")
             connection, reused = self._connection(address)
             try:
-                response = self._send(connection, address, path, target, query, headers)
+                response = self._send(connection, address, path, target, query, headers, method)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if not reused:
                     raise
                 # The server closed an idle keep-alive connection: retry at once on a fresh one (not a fault).
                 connection, _ = self._connection(address)
-                response = self._send(connection, address, path, target, query, headers)
+                response = self._send(connection, address, path, target, query, headers, method)
             if response.status in (200, 206):
                 return connection, response
             try:
@@ -1340,22 +1353,43 @@ class HttpEngine:
         target: str,
         query: list[tuple[str, str]],
         headers: dict[str, str],
+        method: str = "GET",
     ) -> Any:
-        """Sign and send one GET; a connection that fails is dropped so the next request starts clean."""
-        request_headers = self.signer.sign("GET", address.host, path, query, dict(headers), address.region)
+        """Sign and send one request; a connection that fails is dropped so the next request starts clean."""
+        request_headers = self.signer.sign(method, address.host, path, query, dict(headers), address.region)
         request_headers["host"] = address.host
         request_headers["user-agent"] = self._user_agent
         try:
-            return connection.request("GET", target, request_headers)
+            return connection.request(method, target, request_headers)
         except BaseException:
             self.drop_connection(connection)
             raise
 
+    def _head(self, obj: S3Object, query: list[tuple[str, str]]) -> dict[str, str]:
+        if obj.version_id:
+            query = [*query, ("versionId", obj.version_id)]
+        connection, response = self._open(obj.bucket, obj.key, query, {}, method="HEAD")
+        if response.will_close:
+            self.drop_connection(connection)
+        return response.headers
+
     def part_size(self, obj: S3Object, part_number: int) -> int:
-        return self._boto.part_size(obj, part_number)
+        """Content length of one upload part (HEAD ?partNumber=N), retried by the object's own loop only."""
+        try:
+            return int(self._head(obj, [("partNumber", str(part_number))])["content-length"])
+        except S3Error as exc:
+            if exc.status in (400, 416):  # InvalidPartNumber: replaced by an object with fewer parts
+                raise ObjectChanged(obj.key) from None
+            raise
 
     def head(self, obj: S3Object) -> S3Object:
-        return self._boto.head(obj)
+        headers = self._head(obj, [])
+        return dataclasses.replace(
+            obj,
+            size=int(headers["content-length"]),
+            etag=headers.get("etag", "").strip('"'),
+            last_modified=email.utils.parsedate_to_datetime(headers["last-modified"]).timestamp(),
+        )
 
 
 def make_engine(session: Any, client: Any, config: Config) -> Engine:
@@ -3086,7 +3120,8 @@ class AWSDataDownloader:
     ) -> DownloadSummary:
         import botocore.exceptions
 
-        filters = Filters.from_config(config)
+        # A manifest run fetches exactly the manifest's objects: the config's filters and shard do not apply.
+        filters = Filters() if from_manifest is not None else Filters.from_config(config)
         session = make_session(config, credentials)
         if credentials.access_key:
             log.info("Using access key %s", mask_access_key(credentials.access_key))

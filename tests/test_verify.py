@@ -250,3 +250,20 @@ def test_sse_kms_objects_are_recorded_unverifiable_not_failed(s3: S3Server, prox
     entries = completed(tmp_path)
     assert entries["kms.bin"]["checksum"].startswith("unverifiable: SSE-KMS")
     assert entries["plain.bin"]["checksum"] == f"md5:{hashlib.md5(b'plain').hexdigest()}"
+
+
+def test_a_vanished_part_number_is_treated_as_a_changed_object(s3: S3Server, proxy: FaultProxy, tmp_path: Path) -> None:
+    """HEAD ?partNumber=N answers 400 InvalidPartNumber when the object was replaced by one with fewer parts: the
+    object is re-read (HEAD) and fetched as it is now, never retried as a server fault or left failed."""
+    body = random.Random(5).randbytes(11 * MiB)
+    s3.make_bucket(BUCKET)
+    etag = s3.put_multipart(BUCKET, "mp.bin", body, part_size=5 * MiB)
+    proxy.error(key="mp.bin", status=400, times=1, method="HEAD")
+
+    summary = download(proxy, tmp_path)
+
+    assert summary.ok and summary.downloaded == 1
+    assert (tmp_path / "data" / BUCKET / "mp.bin").read_bytes() == body
+    assert completed(tmp_path)["mp.bin"]["checksum"] == f"md5-multipart:{etag}"
+    heads = proxy.requests("HEAD", key="mp.bin")
+    assert heads[0].status == 400 and heads[0].query == "partNumber=1"
