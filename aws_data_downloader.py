@@ -1477,6 +1477,12 @@ class BucketProblem:
     reason: str
 
 
+def _is_anonymous(client: Any) -> bool:
+    from botocore import UNSIGNED
+
+    return client.meta.config.signature_version is UNSIGNED
+
+
 def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | None]:
     """Check one bucket is readable; returns (its region, None) or (None, the problem)."""
     import botocore.exceptions
@@ -1501,7 +1507,10 @@ def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | 
                 problem = credentials_problem(list_exc)
                 if problem:
                     raise CredentialsError(problem) from None
-                return None, BucketProblem(bucket, f"Access Denied for bucket '{bucket}'")
+                denied = f"Access Denied for bucket '{bucket}'"
+                if _is_anonymous(client):
+                    denied += " (the request was anonymous: the bucket is not public; drop --no-sign-request)"
+                return None, BucketProblem(bucket, denied)
             return None, None  # listing, which is what a download needs, is allowed
         if status == 301 or code == "PermanentRedirect":
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -1656,6 +1665,8 @@ def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
         for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
             if environ.get(variable, "").isdecimal():
                 index_text = environ[variable]
+                if int(index_text) >= count:
+                    raise ConfigError(f"--shard {text}: {variable}={index_text} is not below N={count}")
                 break
         else:
             raise ConfigError(
@@ -2083,11 +2094,13 @@ class Transfer:
         """Open the temporary file without following symlinks; ``keep`` reuses one a previous run left."""
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
         if not keep:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            flags |= os.O_EXCL
+            flags |= os.O_EXCL  # a leftover (or planted symlink) is removed and the create tried once more
         try:
-            return os.open(temp, flags, 0o644)
+            try:
+                return os.open(temp, flags, 0o644)
+            except FileExistsError:
+                os.unlink(temp)
+                return os.open(temp, flags, 0o644)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(str(exc)) from None
@@ -2096,9 +2109,7 @@ class Transfer:
     def _finish(self, obj: S3Object, temp: Path, target: Path) -> None:
         """Give the file the object's mtime, then rename it into place: the only way a target appears."""
         os.utime(temp, (obj.last_modified, obj.last_modified))
-        if target.is_dir() and not target.is_symlink():
-            raise IsADirectoryError(str(target))
-        os.replace(temp, target)
+        os.replace(temp, target)  # onto a directory this fails (EISDIR): a key vs key path conflict
 
     def _discard_partial(self, obj: S3Object, target: Path) -> None:
         with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,9 +35,30 @@ MiB = 1024 * 1024
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free TCP port on loopback, below the kernel's ephemeral range and never handed out twice.
+
+    A port from the ephemeral range (what binding to port 0 returns) can be taken by any outgoing connection,
+    SeaweedFS's own among them, between our pick and the server's bind: seen as "address already in use".
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+
+
+_PORTS_GIVEN: set[int] = set()
 
 
 @dataclass
@@ -188,7 +210,17 @@ class SeaweedFS:
         self.metrics_port = free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start `weed mini`; if it dies at start-up (a port taken after all), retry on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.s3_port, self.metrics_port = free_port(), free_port()
+
+    def _start_once(self, timeout: float) -> None:
         data = self.workdir / "data"
         logs = self.workdir / "logs"
         data.mkdir(parents=True, exist_ok=True)
