@@ -27,6 +27,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config as BotoConfig
+from faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -163,6 +164,13 @@ def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
 def _run_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Each test runs in its own directory, so a default ./aws_downloader_config.yaml or log never leaks in."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def proxy(s3: S3Server) -> Iterator[FaultProxy]:
+    """The fault-injecting proxy (tests/faultproxy.py) in front of moto's server: use proxy.url as the endpoint."""
+    with FaultProxy(s3.endpoint) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

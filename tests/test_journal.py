@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ import aws_data_downloader as adl
 
 BUCKET = "journal-data"
 SETTINGS = {"retry_backoff_s": 0.01, "parallel_downloads": 4, "log_file": ""}
-
-
-@pytest.fixture
-def proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3.endpoint) as proxy:
-        yield proxy
 
 
 @pytest.fixture

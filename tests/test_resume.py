@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,6 @@ SETTINGS = {
     "log_file": "",
     "multipart_chunksize_mb": 1,
 }
-
-
-@pytest.fixture
-def proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3.endpoint) as proxy:
-        yield proxy
 
 
 @pytest.fixture

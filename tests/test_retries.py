@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ import aws_data_downloader as adl
 FAST = {"retry_backoff_s": 0.01, "retry_attempts": 3, "parallel_downloads": 4, "log_file": ""}
 
 BUCKET = "retry-data"
-
-
-@pytest.fixture
-def proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3.endpoint) as proxy:
-        yield proxy
 
 
 def seed(s3: S3Server, sizes: dict[str, int], seed: int = 3) -> dict[str, bytes]:

@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -26,12 +25,6 @@ import aws_data_downloader as adl
 
 FAST = {"retry_backoff_s": 0.01, "retry_attempts": 2, "parallel_downloads": 4, "log_file": ""}
 BUCKET = "verify-data"
-
-
-@pytest.fixture
-def proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3.endpoint) as proxy:
-        yield proxy
 
 
 def download(proxy: FaultProxy, tmp_path: Path, **config: object) -> adl.DownloadSummary:
