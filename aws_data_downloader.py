@@ -3162,7 +3162,8 @@ class AWSDataDownloader:
         resume_path = root / config.resume_file
         if not dry_run:
             journal = ResumeJournal(resume_path).load()
-            journal.compact()  # fold in the last run's journal so it never grows across runs
+            if journal.journal_path.exists():
+                journal.compact()  # fold in the last run's journal so it never grows across runs
         manifest = ManifestWriter(Path(config.manifest)) if config.manifest and not dry_run else None
         tally = Tally()
         interactive = not config.quiet and (in_notebook() or sys.stderr.isatty())
