@@ -1968,6 +1968,9 @@ class Transfer:
         part_pool: ThreadPoolExecutor | None,
         stop: threading.Event,
         on_bytes: Callable[[int], None] = lambda n: None,
+        *,
+        root: Path,
+        pinned: bool = False,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -1979,9 +1982,10 @@ class Transfer:
         #: Multipart objects whose parts are fetched on exact, per-part sizes after a mismatch.
         self._exact_layout: set[tuple[str, str]] = set()
         self._dirs_lock = threading.Lock()
-        self.root: Path | None = None
+        #: The download directory: every directory below it is created by _ensure_parent, never through a link.
+        self.root = root
         #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
-        self.pinned = False
+        self.pinned = pinned
         #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
         self._versions: dict[tuple[str, str], str] = {}
 
@@ -2070,7 +2074,6 @@ class Transfer:
         if parent in self._made_dirs:
             return
         root = self.root
-        assert root is not None
         relative = parent.relative_to(root)
         current = root
         for name in relative.parts:
@@ -3184,9 +3187,16 @@ class AWSDataDownloader:
                 ThreadPoolExecutor(workers, thread_name_prefix="adl-object") as object_pool,
                 ThreadPoolExecutor(workers, thread_name_prefix="adl-part") as part_pool,
             ):
-                transfer = Transfer(engine, config, journal, part_pool, self._stop, tally.add_bytes)
-                transfer.root = root
-                transfer.pinned = manifest_objects is not None
+                transfer = Transfer(
+                    engine,
+                    config,
+                    journal,
+                    part_pool,
+                    self._stop,
+                    tally.add_bytes,
+                    root=root,
+                    pinned=manifest_objects is not None,
+                )
                 in_flight = threading.BoundedSemaphore(workers * 4)
                 budget = DiskBudget(root, config.check_disk_space and not dry_run)
 

@@ -202,9 +202,9 @@ class _ChangingEngine:
 def test_a_changed_object_is_refetched_in_normal_runs_and_fails_in_manifest_runs(tmp_path: Path, pinned: bool) -> None:
     old, new = b"old bytes", b"new bytes, longer"
     obj = adl.S3Object("b", "k.txt", len(old), hashlib.md5(old).hexdigest(), 0.0)
-    transfer = adl.Transfer(_ChangingEngine(new), adl.Config(), None, None, threading.Event())
-    transfer.root = tmp_path
-    transfer.pinned = pinned
+    transfer = adl.Transfer(
+        _ChangingEngine(new), adl.Config(), None, None, threading.Event(), root=tmp_path, pinned=pinned
+    )
     result = transfer.download(obj, tmp_path / "b" / "k.txt")
     if pinned:
         assert (result.status, result.reason) == ("failed", "etag no longer matches the manifest")
