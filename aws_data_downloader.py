@@ -219,7 +219,7 @@ OPTIONS: tuple[Option, ...] = (
         "multipart_threshold_mb",
         "float",
         16.0,
-        "Objects at least this large (MB) are fetched in ranged parts that a re-run can resume.",
+        "Objects at least this large (MB) resume across runs: streamed with journaled checkpoints (ranged parts with --no-verify; multipart objects always go by parts).",
         "--multipart-threshold-mb",
         minimum=1,
     ),
@@ -1981,6 +1981,8 @@ class Transfer:
         self._made_dirs: set[Path] = set()
         #: Multipart objects whose parts are fetched on exact, per-part sizes after a mismatch.
         self._exact_layout: set[tuple[str, str]] = set()
+        #: Encrypted multipart objects seen in this run (SSE-KMS/SSE-C), and why their ETag cannot verify them.
+        self._opaque_etags: dict[tuple[str, str], str] = {}
         self._dirs_lock = threading.Lock()
         #: The download directory: every directory below it is created by _ensure_parent, never through a link.
         self.root = root
@@ -2342,7 +2344,10 @@ class Transfer:
             os.close(fd)
             fd = -1
             checksum = None
-            if verify:
+            note = self._opaque_etags.pop((obj.bucket, obj.key), None)
+            if verify and note:  # an encrypted multipart object: its ETag is no MD5 of MD5s either
+                checksum = f"unverifiable: {note}"
+            elif verify:
                 digests = [bytes.fromhex(done[part.index]) for part in parts]
                 checksum = verify_multipart_etag(obj.etag, digests) if etag_kind(obj.etag) == "multipart" else None
                 if checksum is None and len(parts) == 1:
@@ -2367,6 +2372,9 @@ class Transfer:
             try:
                 response = self.engine.get(obj, (offset, part.end), if_match=obj.etag or None)
                 self._note_version(obj, response.headers)
+                note = encryption_note(response.headers) if verify else None
+                if note:
+                    self._opaque_etags[(obj.bucket, obj.key)] = note
                 try:
                     offset, got, fault = self._copy_body(response, fd, offset, part.end + 1, _Md5Sink(hasher))
                     fetched += got
@@ -2494,6 +2502,15 @@ class StreamHasher:
         return f"{self.algorithm}:{actual}"
 
 
+def encryption_note(headers: Mapping[str, str]) -> str | None:
+    """Why the ETag cannot verify this object (SSE-KMS, SSE-C), from a GET's headers; None when it can."""
+    if headers.get("x-amz-server-side-encryption-customer-algorithm"):
+        return "SSE-C object: its ETag is not an MD5 of the content"
+    if headers.get("x-amz-server-side-encryption", "").startswith("aws:kms"):
+        return "SSE-KMS object: its ETag is not an MD5 of the content"
+    return None
+
+
 def choose_hasher(obj: S3Object, headers: Mapping[str, str], verify: bool) -> StreamHasher | None:
     """Which checksum verifies this object: an S3 full-object checksum if present, else the MD5 ETag.
 
@@ -2508,11 +2525,9 @@ def choose_hasher(obj: S3Object, headers: Mapping[str, str], verify: bool) -> St
         if value and checksum_type == "FULL_OBJECT" and "-" not in value:
             with contextlib.suppress(ValueError):
                 return StreamHasher(name, value)
-    encryption = headers.get("x-amz-server-side-encryption", "")
-    if headers.get("x-amz-server-side-encryption-customer-algorithm"):
-        return StreamHasher("unverifiable", "", "SSE-C object: its ETag is not an MD5 of the content")
-    if encryption.startswith("aws:kms"):
-        return StreamHasher("unverifiable", "", "SSE-KMS object: its ETag is not an MD5 of the content")
+    note = encryption_note(headers)
+    if note:
+        return StreamHasher("unverifiable", "", note)
     if etag_kind(obj.etag) == "md5":
         return StreamHasher("md5", obj.etag.lower())
     return StreamHasher("unverifiable", "", f"ETag {obj.etag!r} is not an MD5 and no S3 checksum is stored")
@@ -3151,7 +3166,7 @@ class AWSDataDownloader:
                 buckets, problems = discover_buckets(client, config.buckets, regions)
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsError(credentials_problem(botocore.exceptions.NoCredentialsError()) or "") from None
-        if not config.no_sign_request and (buckets or manifest_objects is not None):
+        if not config.no_sign_request and buckets and manifest_objects is None:
             log.info("AWS credentials validated successfully")
         for problem in problems:
             log.warning("%s", problem.reason)
@@ -3339,6 +3354,8 @@ class AWSDataDownloader:
     ) -> Iterator[list[S3Object]]:
         """Every selected prefix of every bucket, a page at a time; a bucket whose listing is denied is a
         bucket problem (the others go on), rejected credentials stop the run."""
+        import http.client
+
         import botocore.exceptions
 
         for bucket in buckets:
@@ -3356,6 +3373,12 @@ class AWSDataDownloader:
                     reason = f"listing bucket '{bucket}' failed: {code or status}"
                 log.warning("%s", reason)
                 problems.append(BucketProblem(bucket, reason))
+            except (OSError, http.client.HTTPException, botocore.exceptions.BotoCoreError) as exc:
+                # Listing retries transient faults itself; past that the run cannot know what else to fetch.
+                raise DownloaderError(
+                    f"listing bucket '{bucket}' failed after {config.retry_attempts} retries: "
+                    f"{type(exc).__name__}: {exc}; run again to continue"
+                ) from None
 
     def _plan_page(
         self,

@@ -265,3 +265,28 @@ def test_persistent_faults_fail_that_object_and_the_run_completes(
         assert (tmp_path / "data" / BUCKET / key).read_bytes() == files[key]
     assert not (tmp_path / "data" / BUCKET / "bad.bin").exists()
     assert list((tmp_path / "data").rglob(".adl-*")) == []
+
+
+def test_a_listing_that_keeps_failing_is_one_clear_error(
+    s3: S3Server, proxy: FaultProxy, tmp_path: Path, run_cli
+) -> None:
+    """The listing retries resets itself; when they persist the run ends with one line, not a traceback."""
+    seed(s3, {"a.bin": 100})
+    proxy.reset(method="GET", where=lambda request: "list-type=2" in request.query)
+
+    code, _out, err = run_cli(
+        "--buckets",
+        BUCKET,
+        "--download-dir",
+        str(tmp_path / "data"),
+        "--endpoint-url",
+        proxy.url,
+        "--config",
+        config_file(tmp_path),
+    )
+
+    assert code == adl.EXIT_FAILED
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"listing bucket '{BUCKET}' failed after 3 retries" in errors[0]
+    assert proxy.count("GET", key=BUCKET) == 4  # the first try and three retries
