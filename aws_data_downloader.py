@@ -700,6 +700,12 @@ class ObjectChanged(Exception):
     """If-Match failed: the object was replaced after we listed it."""
 
 
+def part_number_gone(exc: S3Error) -> bool:
+    """A HEAD ?partNumber=N refused because the object now has fewer parts: it was replaced (InvalidPartNumber;
+    a HEAD answer has no body, so only its status says so)."""
+    return exc.status in (400, 416) or exc.code == "InvalidPartNumber"
+
+
 class Response(Protocol):
     """What an engine's GET returns: status, lower-cased headers, and a body to read in chunks."""
 
@@ -792,7 +798,7 @@ class Boto3Engine:
         try:
             return int(self._call(self.client.head_object, **params)["ContentLength"])
         except S3Error as exc:
-            if exc.status in (400, 416) or exc.code == "InvalidPartNumber":  # replaced by one with fewer parts
+            if part_number_gone(exc):
                 raise ObjectChanged(obj.key) from None
             raise
 
@@ -1378,7 +1384,7 @@ class HttpEngine:
         try:
             return int(self._head(obj, [("partNumber", str(part_number))])["content-length"])
         except S3Error as exc:
-            if exc.status in (400, 416):  # InvalidPartNumber: replaced by an object with fewer parts
+            if part_number_gone(exc):
                 raise ObjectChanged(obj.key) from None
             raise
 
@@ -1430,7 +1436,7 @@ def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str
         if decode:
             key = urllib.parse.unquote_plus(key)
         size = int(entry.findtext(f"{ns}Size") or 0)
-        if key.endswith("/") and size == 0:
+        if is_folder_marker(key, size):
             continue
         modified = entry.findtext(f"{ns}LastModified")
         objects.append(
@@ -1579,6 +1585,11 @@ class S3Object:
     version_id: str | None = None
 
 
+def is_folder_marker(key: str, size: int) -> bool:
+    """A key ending in '/' with no data is a console-made "folder", not a file (one with data is reported)."""
+    return key.endswith("/") and size == 0
+
+
 def collapse_prefixes(prefixes: Iterable[str]) -> list[str]:
     """Drop prefixes that another given prefix already covers, so no object is listed twice."""
     unique = sorted(set(prefixes))
@@ -1612,7 +1623,7 @@ def iter_object_pages(
             objects = [
                 object_from_listing(bucket, entry)
                 for entry in page.get("Contents", [])
-                if not (entry["Key"].endswith("/") and int(entry.get("Size", 0)) == 0)
+                if not is_folder_marker(entry["Key"], int(entry.get("Size", 0)))
             ]
             if objects:
                 yield objects
@@ -2212,8 +2223,6 @@ class Transfer:
                     if written == 0 or not is_retryable(exc) or attempt > self.config.retry_attempts:
                         raise
                     self._wait_before_retry(obj, attempt, exc)
-            if written != obj.size:
-                raise ConnectionError(f"body ended at {written} of {obj.size} bytes")
             checksum = hasher.verify() if hasher else None
             os.close(fd)
             fd = -1
@@ -2905,6 +2914,10 @@ class Progress:
     def _speed(self) -> float:
         return self.tally.streamed_bytes / max(time.monotonic() - self.started, 1e-9) / MiB
 
+    def _postfix(self) -> str:
+        tally = self.tally
+        return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s"
+
     def _tick(self) -> None:
         while not self._closed.wait(self.interval):
             tally = self.tally
@@ -2936,10 +2949,7 @@ class Progress:
             now = time.monotonic()
             if now - self._last_postfix >= 0.5:
                 self._last_postfix = now
-                self._bar.set_postfix_str(
-                    f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s",
-                    refresh=False,
-                )
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
             delta = tally.finished - self._bar.n
             if delta > 0:
                 self._bar.update(delta)
@@ -2949,16 +2959,11 @@ class Progress:
         if self._ticker is not None:
             self._ticker.join()
             self._ticker = None
-        self._last_postfix = -math.inf  # the bar's last frame shows the final counts, not a stale postfix
-        self.update()
         with self._lock:
-            if self._bar is not None:
+            if self._bar is not None:  # the last frame shows the final counts, not a stale postfix
                 tally = self.tally
                 self._bar.total = tally.total
-                self._bar.set_postfix_str(
-                    f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s",
-                    refresh=False,
-                )
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
                 self._bar.update(tally.finished - self._bar.n)
                 self._bar.close()
                 self._bar = None
