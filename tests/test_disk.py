@@ -123,12 +123,16 @@ def test_precheck_refuses_before_writing_when_the_listing_has_many_pages(
 
 
 @pytest.mark.parametrize(
-    ("limit", "in_flight", "partial_kept"),
+    ("limit", "in_flight", "partial_kept", "settings"),
     [
-        (250 * KiB, "a3.bin", False),  # a single GET: its temp file is removed
-        (300 * KiB + 5 * MiB + 1 * MiB, "m/big.bin", True),  # ranged parts: the temp file and part 1 are kept
+        # A single GET in a worker thread: its temp file is removed.
+        (250 * KiB, "a3.bin", False, ["small_object_kb: 0"]),
+        # Ranged parts: the temp file and part 1 are kept.
+        (300 * KiB + 5 * MiB + 1 * MiB, "m/big.bin", True, ["small_object_kb: 0"]),
+        # The small-object loop (every object is small enough, one connection): its temp file is removed.
+        (250 * KiB, "a3.bin", False, ["small_object_kb: 8192", "verify_checksums: false"]),
     ],
-    ids=["single-get", "ranged-parts"],
+    ids=["single-get", "ranged-parts", "small-object-loop"],
 )
 def test_disk_full_mid_run_stops_keeps_completed_files_and_a_rerun_completes(
     s3: S3Server,
@@ -138,10 +142,14 @@ def test_disk_full_mid_run_stops_keeps_completed_files_and_a_rerun_completes(
     limit: int,
     in_flight: str,
     partial_kept: bool,
+    settings: list[str],
 ) -> None:
     files = seed(s3)
     download_dir = tmp_path / "data"
-    args = ["--buckets", BUCKET, "--download-dir", str(download_dir), "--parallel", "1", *s3.args()]
+    # One download at a time, in key order: which file the disk fills on is known.
+    (tmp_path / "one-path.yaml").write_text("\n".join(settings) + "\n")
+    args = ["--buckets", BUCKET, "--download-dir", str(download_dir), "--parallel", "1", "--config", "one-path.yaml"]
+    args += s3.args()
     real_pwrite = os.pwrite
     written = 0
 

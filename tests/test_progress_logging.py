@@ -109,7 +109,8 @@ def test_non_tty_has_no_bar_and_logs_progress_lines(
         return original(self, obj, target)
 
     monkeypatch.setattr(adl.Transfer, "download", slow_download)
-    (tmp_path / "slow-progress.yaml").write_text("progress_interval_s: 0.1\n")
+    # small_object_kb: 0 keeps every object in the (slowed) worker threads.
+    (tmp_path / "slow-progress.yaml").write_text("progress_interval_s: 0.1\nsmall_object_kb: 0\n")
     code, out, err = run_cli(
         "--config", "slow-progress.yaml", "--buckets", "progress-bkt", "--download-dir", "data", "--parallel", "1",
         *s3.args(),
