@@ -1054,9 +1054,9 @@ def parse_status_line(line: bytes) -> tuple[str, int]:
     return version, int(code)
 
 
-def add_header(headers: dict[str, str], line: bytes) -> None:
+def add_header(headers: dict[str, str], line: str) -> None:
     """Add one header line under its lower-cased name; a repeated header joins the earlier value with ", "."""
-    name, _, value = line.decode("latin-1").partition(":")
+    name, _, value = line.partition(":")
     name = name.strip().lower()
     value = value.strip()
     headers[name] = f"{headers[name]}, {value}" if name in headers else value
@@ -1064,10 +1064,10 @@ def add_header(headers: dict[str, str], line: bytes) -> None:
 
 def parse_response_head(head: bytes) -> tuple[str, int, dict[str, str]]:
     """(version, status, lower-cased headers) of a response head, given without its blank last line."""
-    lines = head.split(b"\r\n")
-    version, status = parse_status_line(lines[0])
+    first, _, rest = head.partition(b"\r\n")
+    version, status = parse_status_line(first)
     headers: dict[str, str] = {}
-    for line in lines[1:]:
+    for line in rest.decode("latin-1").split("\r\n"):
         if line:
             add_header(headers, line)
     return version, status, headers
@@ -1133,7 +1133,7 @@ class _Http11Connection:
                     break
                 if not header:
                     raise IncompleteBody("connection closed inside the response headers")
-                add_header(headers_in, header)
+                add_header(headers_in, header.decode("latin-1"))
             if status != 100:
                 break
         will_close = version == "HTTP/1.0" or headers_in.get("connection", "").lower() == "close"
@@ -1867,6 +1867,10 @@ def skip_reason(
 # boundaries in parallel, written in place with os.pwrite, each part recorded in the resume journal, so a re-run
 # fetches only what is missing; large single-part objects stream with a running MD5 and journal each boundary
 # they pass. Every GET carries If-Match with the listed ETag, so two versions are never stitched.
+#
+# With the http engine, the smallest objects (small_object_kb) skip the worker threads: SmallObjectLoop fetches
+# them on one thread over non-blocking connections and stores each whole body with Transfer.store_small. Any
+# outcome but a clean 200 goes back to Transfer.download as a first failed attempt.
 
 
 @dataclass(frozen=True, slots=True)
@@ -2510,8 +2514,8 @@ class Transfer:
 class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
-    __slots__ = ("body_length", "buffer", "deadline", "events", "headers", "key", "outgoing", "planned", "reused")
-    __slots__ += ("sock", "status", "tls", "will_close")
+    __slots__ = ("body_length", "buffer", "closed", "deadline", "events", "headers", "key", "outgoing", "planned")
+    __slots__ += ("reused", "sock", "status", "tls", "will_close")
 
     def __init__(self, sock: Any, key: tuple[str, str], tls: bool) -> None:
         self.sock = sock
@@ -2519,6 +2523,7 @@ class _LoopConnection:
         self.tls = tls
         self.events = 0
         self.reused = False
+        self.closed = False
         self.planned: Planned | None = None
         self.reset()
 
@@ -2584,6 +2589,8 @@ class SmallObjectLoop:
         self._active: set[_LoopConnection] = set()
         self._idle: dict[tuple[str, str], list[_LoopConnection]] = {}
         self._open = 0
+        #: The object being started: if starting it raises, it is in neither the queue nor a connection.
+        self._starting: Planned | None = None
         self._thread = threading.Thread(target=self._run, name="adl-small", daemon=True)
         self._thread.start()
 
@@ -2607,6 +2614,8 @@ class SmallObjectLoop:
         self._closed = True
         self._wake()
         self._thread.join()
+        while self._queue:  # queued by a submit() that raced with the loop's death
+            self.on_fallback(self._queue.popleft(), None)
         self._selector.close()
         self._wake_in.close()
         self._wake_out.close()
@@ -2622,6 +2631,9 @@ class SmallObjectLoop:
             self._loop()
         except BaseException:  # a bug: say so, and let the worker threads fetch what the loop had
             log.error("The small-object loop failed; continuing with worker threads", exc_info=True)
+            starting = self._starting
+            if starting is not None and all(c.planned is not starting for c in self._active):
+                self.on_fallback(starting, None)
             for connection in list(self._active):
                 planned = connection.planned
                 self._close(connection)
@@ -2639,7 +2651,9 @@ class SmallObjectLoop:
                 self._abandon()
                 return
             while queue and len(active) < self.connections:
-                self._start(queue.popleft())
+                self._starting = queue.popleft()
+                self._start(self._starting)
+                self._starting = None
             if len(queue) <= self.BACKLOG // 2 and not self._room.is_set():
                 self._room.set()
             if not active and not queue and self._closed:
@@ -2657,7 +2671,7 @@ class SmallObjectLoop:
                     continue
                 if events & self._write and connection.outgoing:
                     self._send(connection)
-                if events & self._read:
+                if events & self._read and not connection.closed:
                     self._receive(connection)
             now = time.monotonic()
             for connection in [c for c in active if c.deadline <= now]:
@@ -2767,7 +2781,7 @@ class SmallObjectLoop:
             self._fail(connection, ConnectionError("the server sent more than the Content-Length"))
             return
         status, headers, body = connection.status, connection.headers, bytes(connection.buffer)
-        if connection.will_close:
+        if connection.will_close or connection.outgoing:  # answered before the request was all sent: unusable
             self._close(connection)
         else:
             connection.reset()
@@ -2833,6 +2847,9 @@ class SmallObjectLoop:
             self.on_fallback(planned, exc)
 
     def _close(self, connection: _LoopConnection) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
         self._active.discard(connection)
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
