@@ -146,6 +146,34 @@ def multipart_etag_of(body: bytes, part_size: int) -> str:
     return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
 
 
+def write_config(tmp_path: Path, settings: dict[str, object]) -> str:
+    """A JSON config file of ``settings`` in ``tmp_path``; returns its path."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(settings))
+    return str(path)
+
+
+def cli_json(
+    run_cli, endpoint: str, tmp_path: Path, bucket: str, settings: dict[str, object], out_dir: str = "data"
+) -> tuple[int, dict]:
+    """The CLI with --json and a config of ``settings``, downloading ``bucket`` from ``endpoint``."""
+    code, out, err = run_cli(
+        "--buckets", bucket, "--download-dir", str(tmp_path / out_dir), "--endpoint-url", endpoint,
+        "--config", write_config(tmp_path, settings), "--json",
+    )  # fmt: skip
+    assert out.strip(), err
+    return code, json.loads(out)
+
+
+def retry_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
+    """The INFO "Retrying ..." lines logged for ``key``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and r.getMessage().startswith("Retrying") and key in r.getMessage()
+    ]
+
+
 @pytest.fixture(autouse=True)
 def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test reads the machine's ~/.aws or reaches AWS: fake credentials, empty config files."""

@@ -7,13 +7,12 @@ from the bytes already written) from one fetched again from zero.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 import pytest
-from conftest import MiB, S3Server
+from conftest import MiB, S3Server, cli_json, retry_lines, write_config
 from faultproxy import FaultProxy, KiB, ProxyRequest
 
 import aws_data_downloader as adl
@@ -33,40 +32,14 @@ def seed(s3: S3Server, sizes: dict[str, int], seed: int = 3) -> dict[str, bytes]
     return files
 
 
-def config_file(tmp_path: Path, **values: object) -> str:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({**FAST, **values}))
-    return str(path)
-
-
 def run_json(run_cli, proxy: FaultProxy, tmp_path: Path, **config: object) -> tuple[int, dict]:
     """The CLI with --json through the proxy; returns (exit code, summary)."""
-    code, out, err = run_cli(
-        "--buckets",
-        BUCKET,
-        "--download-dir",
-        str(tmp_path / "data"),
-        "--endpoint-url",
-        proxy.url,
-        "--config",
-        config_file(tmp_path, **config),
-        "--json",
-    )
-    assert out.strip(), err
-    return code, json.loads(out)
+    return cli_json(run_cli, proxy.url, tmp_path, BUCKET, {**FAST, **config})
 
 
 def assert_files(tmp_path: Path, files: dict[str, bytes]) -> None:
     for key, body in files.items():
         assert (tmp_path / "data" / BUCKET / key).read_bytes() == body, key
-
-
-def retry_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.INFO and r.getMessage().startswith("Retrying") and key in r.getMessage()
-    ]
 
 
 def gets(proxy: FaultProxy, key: str) -> list[ProxyRequest]:
@@ -282,7 +255,7 @@ def test_a_listing_that_keeps_failing_is_one_clear_error(
         "--endpoint-url",
         proxy.url,
         "--config",
-        config_file(tmp_path),
+        write_config(tmp_path, FAST),
     )
 
     assert code == adl.EXIT_FAILED

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, S3Server
+from conftest import MiB, S3Server, cli_json, retry_lines
 from faultproxy import FaultProxy, KiB, ProxyRequest
 
 import aws_data_downloader as adl
@@ -50,43 +50,17 @@ def small_keys(count: int, prefix: str = "small") -> dict[str, int]:
     return {f"{prefix}/dir {n % 3} ü/{n:02d} résumé 日本.bin": 2 * KiB + 397 * n for n in range(count)}
 
 
-def config_file(tmp_path: Path, **values: object) -> str:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({**FAST, **values}))
-    return str(path)
-
-
 def run_json(
     run_cli, endpoint: str, tmp_path: Path, bucket: str = BUCKET, out_dir: str = "data", **config: object
 ) -> tuple[int, dict]:
     """The CLI with --json against ``endpoint``; returns (exit code, summary)."""
-    code, out, err = run_cli(
-        "--buckets",
-        bucket,
-        "--download-dir",
-        str(tmp_path / out_dir),
-        "--endpoint-url",
-        endpoint,
-        "--config",
-        config_file(tmp_path, **config),
-        "--json",
-    )
-    assert out.strip(), err
-    return code, json.loads(out)
+    return cli_json(run_cli, endpoint, tmp_path, bucket, {**FAST, **config}, out_dir)
 
 
 def assert_files(root: Path, files: dict[str, bytes], bucket: str = BUCKET) -> None:
     for key, body in files.items():
         assert (root / bucket / key).read_bytes() == body, key
     assert list(root.rglob(".adl-*")) == []
-
-
-def retry_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.INFO and r.getMessage().startswith("Retrying") and key in r.getMessage()
-    ]
 
 
 def gets(proxy: FaultProxy, key: str) -> list[ProxyRequest]:
