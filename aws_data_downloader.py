@@ -1054,6 +1054,11 @@ def parse_status_line(line: bytes) -> tuple[str, int]:
     return version, int(code)
 
 
+def is_interim(status: int) -> bool:
+    """A 1xx answer (100 Continue, 103 Early Hints, ...) comes before the real one; 101 would switch protocols."""
+    return 100 <= status < 200 and status != 101
+
+
 def add_header(headers: dict[str, str], line: str) -> None:
     """Add one header line under its lower-cased name; a repeated header joins the earlier value with ", "."""
     name, _, value = line.partition(":")
@@ -1134,7 +1139,7 @@ class _Http11Connection:
                 if not header:
                     raise IncompleteBody("connection closed inside the response headers")
                 add_header(headers_in, header.decode("latin-1"))
-            if status != 100:
+            if not is_interim(status):
                 break
         will_close = version == "HTTP/1.0" or headers_in.get("connection", "").lower() == "close"
         return _Http11Response(file, status, headers_in, will_close, has_body=method != "HEAD")
@@ -2514,8 +2519,8 @@ class Transfer:
 class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
-    __slots__ = ("body_length", "buffer", "closed", "deadline", "events", "headers", "key", "outgoing", "planned")
-    __slots__ += ("reused", "sock", "status", "tls", "will_close")
+    __slots__ = ("body_length", "buffer", "closed", "deadline", "events", "headers", "idle_since", "key", "outgoing")
+    __slots__ += ("planned", "reused", "sock", "status", "tls", "will_close")
 
     def __init__(self, sock: Any, key: tuple[str, str], tls: bool) -> None:
         self.sock = sock
@@ -2524,6 +2529,7 @@ class _LoopConnection:
         self.events = 0
         self.reused = False
         self.closed = False
+        self.idle_since = 0.0
         self.planned: Planned | None = None
         self.reset()
 
@@ -2557,6 +2563,8 @@ class SmallObjectLoop:
     MAX_ERROR_BODY = MiB
     #: The longest the loop sleeps before it looks at the stop flag and the deadlines again.
     TICK_S = 0.2
+    #: An idle connection older than this is checked for a server-side close before it is used again.
+    IDLE_CHECK_S = 1.0
 
     def __init__(
         self,
@@ -2577,6 +2585,7 @@ class SmallObjectLoop:
         self.on_fallback = on_fallback
         self.connections = self.config.parallel_downloads
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
         self._queue: collections.deque[Planned] = collections.deque()
         self._room = threading.Event()
@@ -2591,6 +2600,12 @@ class SmallObjectLoop:
         self._open = 0
         #: The object being started: if starting it raises, it is in neither the queue nor a connection.
         self._starting: Planned | None = None
+        #: Objects waiting for a connection a connector thread is opening, and the finished openings.
+        self._connecting: dict[int, Planned] = {}
+        self._ready: collections.deque[tuple[Planned, BucketAddress, Future[Any]]] = collections.deque()
+        self._connector: ThreadPoolExecutor | None = None
+        self._finished = False
+        self._ready_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="adl-small", daemon=True)
         self._thread.start()
 
@@ -2639,6 +2654,9 @@ class SmallObjectLoop:
                 self._close(connection)
                 if planned is not None:
                     self.on_fallback(planned, None)
+            for planned in self._connecting.values():
+                self.on_fallback(planned, None)
+            self._connecting.clear()
             while self._queue:
                 self.on_fallback(self._queue.popleft(), None)
         finally:
@@ -2650,13 +2668,14 @@ class SmallObjectLoop:
             if self.stop.is_set():
                 self._abandon()
                 return
-            while queue and len(active) < self.connections:
+            self._connected()
+            while queue and len(active) + len(self._connecting) < self.connections and not self.stop.is_set():
                 self._starting = queue.popleft()
                 self._start(self._starting)
                 self._starting = None
             if len(queue) <= self.BACKLOG // 2 and not self._room.is_set():
                 self._room.set()
-            if not active and not queue and self._closed:
+            if not active and not queue and not self._connecting and self._closed:
                 return
             timeout = self.TICK_S
             if active:
@@ -2678,39 +2697,87 @@ class SmallObjectLoop:
                 self._fail(connection, TimeoutError(f"no data for {self.config.read_timeout_s:g}s (read timed out)"))
 
     def _start(self, planned: Planned) -> None:
-        """Sign and send the GET for one object, on an idle connection to its host or a new one."""
-        obj = planned.obj
+        """Send the GET for one object on an idle connection to its host, or open one for it first."""
         try:
-            address = self.engine.address(obj.bucket)
-            connection = self._connection(address)
-        except Exception as exc:  # DNS, refused connection, TLS handshake: a network fault like any other
+            address = self.engine.address(planned.obj.bucket)
+        except Exception as exc:
             self.on_fallback(planned, exc)
             return
-        headers = {"x-amz-checksum-mode": "ENABLED"} if self.config.verify_checksums else {}
-        if obj.etag:
-            headers["if-match"] = f'"{obj.etag}"'
-        query = [("versionId", obj.version_id)] if obj.version_id else []
-        path, target = request_target(address, obj.key, query)
+        connection = self._idle_connection((address.scheme, address.host))
+        if connection is None:
+            self._connect(planned, address)
+        else:
+            self._request(planned, address, connection)
+
+    def _request(self, planned: Planned, address: BucketAddress, connection: _LoopConnection) -> None:
+        obj = planned.obj
+        try:
+            headers = {"x-amz-checksum-mode": "ENABLED"} if self.config.verify_checksums else {}
+            if obj.etag:
+                headers["if-match"] = f'"{obj.etag}"'
+            query = [("versionId", obj.version_id)] if obj.version_id else []
+            path, target = request_target(address, obj.key, query)
+            request = request_bytes("GET", target, self.engine.signed_headers(address, "GET", path, query, headers))
+        except Exception as exc:  # credentials that fail to refresh, an ETag that is not latin-1, ...
+            self._park(connection)
+            self.on_fallback(planned, exc)
+            return
         connection.planned = planned
-        connection.outgoing = request_bytes(
-            "GET", target, self.engine.signed_headers(address, "GET", path, query, headers)
-        )
+        connection.outgoing = request
         connection.deadline = time.monotonic() + self.config.read_timeout_s
         self._active.add(connection)
         self._send(connection)
 
-    def _connection(self, address: BucketAddress) -> _LoopConnection:
-        import socket
+    def _idle_connection(self, key: tuple[str, str]) -> _LoopConnection | None:
+        """An idle keep-alive connection to the host; one idle for a while is checked first (servers close them)."""
+        import select
 
-        key = (address.scheme, address.host)
         idle = self._idle.get(key)
-        if idle:
+        while idle:
             connection = idle.pop()
+            if time.monotonic() - connection.idle_since > self.IDLE_CHECK_S:
+                readable, _, _ = select.select([connection.sock], [], [], 0)
+                if readable:  # EOF, a reset or stray bytes: nothing a request can use
+                    self._close(connection)
+                    continue
             connection.reused = True
             return connection
+        return None
+
+    def _park(self, connection: _LoopConnection) -> None:
+        """Keep a connection for the next request to its host."""
+        connection.reset()
+        connection.idle_since = time.monotonic()
+        self._active.discard(connection)
+        self._idle.setdefault(connection.key, []).append(connection)
+
+    def _connect(self, planned: Planned, address: BucketAddress) -> None:
+        """Open a connection for ``planned`` on a connector thread: DNS, TCP and TLS can each block for up to
+        connect_timeout_s, and the loop must keep serving its other connections and see a stop meanwhile."""
         if self._open >= self.connections:  # make room: close an idle connection to another host
-            other = next(c for connections in self._idle.values() for c in connections)
-            self._close(other)
+            other = next((c for connections in self._idle.values() for c in connections), None)
+            if other is not None:
+                self._close(other)
+        self._open += 1
+        self._connecting[id(planned)] = planned
+        if self._connector is None:
+            self._connector = ThreadPoolExecutor(min(8, self.connections), thread_name_prefix="adl-connect")
+
+        def ready(future: Future[Any]) -> None:
+            with self._ready_lock:
+                if not self._finished:
+                    self._ready.append((planned, address, future))
+                    self._wake()
+                    return
+            if not future.cancelled() and future.exception() is None:
+                future.result().close()  # the loop has ended: nobody will use this connection
+
+        self._connector.submit(self._open_socket, address).add_done_callback(ready)
+
+    def _open_socket(self, address: BucketAddress) -> Any:
+        """Runs on a connector thread; the socket it returns is non-blocking."""
+        import socket
+
         hostname, port = split_host(address.host, address.scheme)
         sock = socket.create_connection((hostname, port), timeout=self.config.connect_timeout_s)
         try:
@@ -2721,11 +2788,24 @@ class SmallObjectLoop:
         except BaseException:
             sock.close()
             raise
-        connection = _LoopConnection(sock, key, address.scheme == "https")
-        connection.events = self._read
-        self._selector.register(sock, self._read, connection)
-        self._open += 1
-        return connection
+        return sock
+
+    def _connected(self) -> None:
+        """Start the requests whose connections are now open (or hand them over when opening failed)."""
+        while self._ready:
+            planned, address, future = self._ready.popleft()
+            if self._connecting.pop(id(planned), None) is None:
+                continue  # abandoned by a stop meanwhile
+            try:
+                sock = future.result()
+            except Exception as exc:  # DNS, refused connection, TLS handshake: a network fault like any other
+                self._open -= 1
+                self.on_fallback(planned, exc)
+                continue
+            connection = _LoopConnection(sock, (address.scheme, address.host), address.scheme == "https")
+            connection.events = self._read
+            self._selector.register(sock, self._read, connection)
+            self._request(planned, address, connection)
 
     def _send(self, connection: _LoopConnection) -> None:
         try:
@@ -2733,7 +2813,7 @@ class SmallObjectLoop:
         except self._would_block:
             sent = 0
         except OSError as exc:
-            self._fail(connection, exc)
+            self._broken(connection, exc)
             return
         connection.outgoing = connection.outgoing[sent:]
         events = self._read | (self._write if connection.outgoing else 0)
@@ -2750,19 +2830,14 @@ class SmallObjectLoop:
         except self._would_block:
             return
         except OSError as exc:
-            self._fail(connection, exc)
+            self._broken(connection, exc)
             return
         planned = connection.planned
         if planned is None:  # an idle connection became readable: the server closed it
             self._close(connection)
             return
         if not data:
-            if connection.reused and connection.status is None and not connection.buffer:
-                # The server closed an idle keep-alive connection as we reused it: not a fault, just refetch.
-                self._close(connection)
-                self.on_fallback(planned, None)
-            else:
-                self._fail(connection, IncompleteBody("connection closed before the response was complete"))
+            self._broken(connection, IncompleteBody("connection closed before the response was complete"))
             return
         connection.buffer += data
         connection.deadline = time.monotonic() + self.config.read_timeout_s
@@ -2784,9 +2859,7 @@ class SmallObjectLoop:
         if connection.will_close or connection.outgoing:  # answered before the request was all sent: unusable
             self._close(connection)
         else:
-            connection.reset()
-            self._active.discard(connection)
-            self._idle.setdefault(connection.key, []).append(connection)
+            self._park(connection)
         self._complete(planned, status, headers, body)
 
     def _parse_head(self, connection: _LoopConnection) -> bool:
@@ -2799,7 +2872,7 @@ class SmallObjectLoop:
                 return False
             version, status, headers = parse_response_head(bytes(connection.buffer[:end]))
             del connection.buffer[: end + 4]
-            if status != 100:
+            if not is_interim(status):
                 break
         planned = connection.planned
         assert planned is not None
@@ -2836,7 +2909,14 @@ class SmallObjectLoop:
         else:
             self.on_fallback(planned, S3Error(status, code or str(status), message))
 
-    def _fail(self, connection: _LoopConnection, exc: BaseException) -> None:
+    def _broken(self, connection: _LoopConnection, exc: BaseException) -> None:
+        """The connection failed. Before any answer on a reused connection, that is the server having closed it
+        while idle (as the worker threads' engine sees it too): the object is fetched again without counting
+        an attempt. Anything else is the object's first failed attempt."""
+        unanswered = connection.reused and connection.status is None and not connection.buffer
+        self._fail(connection, None if unanswered and isinstance(exc, self._stale) else exc)
+
+    def _fail(self, connection: _LoopConnection, exc: BaseException | None) -> None:
         planned = connection.planned
         self._close(connection)
         if planned is None:
@@ -2867,13 +2947,25 @@ class SmallObjectLoop:
             self._close(connection)
             if planned is not None:
                 self.on_result(DownloadResult(planned.obj, "interrupted", "stopped"))
+        for planned in self._connecting.values():
+            self.on_result(DownloadResult(planned.obj, "interrupted", "stopped"))
+        self._connecting.clear()
         while self._queue:
             self.on_result(DownloadResult(self._queue.popleft().obj, "interrupted", "stopped"))
 
     def _shutdown(self) -> None:
+        with self._ready_lock:
+            self._finished = True
+            ready, self._ready = self._ready, collections.deque()
+        if self._connector is not None:
+            self._connector.shutdown(wait=False, cancel_futures=True)
         for connections in list(self._idle.values()):
             for connection in list(connections):
                 self._close(connection)
+        for _planned, _address, future in ready:  # sockets opened for objects the loop no longer has
+            if not future.cancelled() and future.exception() is None:
+                future.result().close()
+        self._open = len(self._active)
         self._room.set()
 
 
@@ -3727,7 +3819,10 @@ class AWSDataDownloader:
                         return
                     future.add_done_callback(lambda f, p=planned: on_done(f, p, release=False))
 
-                small_limit = config.small_object_kb * KiB if isinstance(engine, HttpEngine) and not dry_run else -1
+                # Objects from multipart_threshold up keep their ranged parts and resume checkpoints: never the loop.
+                small_limit = min(config.small_object_kb * KiB, config.multipart_threshold - 1)
+                if not isinstance(engine, HttpEngine) or dry_run or config.small_object_kb == 0:
+                    small_limit = -1
                 verify = config.verify_checksums
                 loop: SmallObjectLoop | None = None
                 pages = (

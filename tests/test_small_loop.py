@@ -5,23 +5,30 @@ attempt. These tests prove which path an object took by wrapping Transfer.store_
 store a body) and Transfer.download (the threads' entry point), and prove a fallback by its retry line and by
 the requests the fault proxy (tests/faultproxy.py) saw. The proxy and moto close every connection after one
 response, so keep-alive reuse is checked against SeaweedFS and against moto behind a keep-alive TLS terminator.
+Faults no real server stages on cue (a handshake that never ends, a reset as an idle connection is reused, a 103
+before the 200) come from raw scripted servers, with the loop run alone (the last section).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import http.server
 import json
 import logging
+import os
 import random
+import select
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -100,15 +107,13 @@ def threaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def opened(monkeypatch: pytest.MonkeyPatch) -> list[adl._LoopConnection]:
     """Connections the loop opened (an idle connection taken again is not counted)."""
     connections: list[adl._LoopConnection] = []
-    original = adl.SmallObjectLoop._connection
+    original = adl._LoopConnection.__init__
 
-    def connection(self, address):
-        result = original(self, address)
-        if not result.reused:
-            connections.append(result)
-        return result
+    def init(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        connections.append(self)
 
-    monkeypatch.setattr(adl.SmallObjectLoop, "_connection", connection)
+    monkeypatch.setattr(adl._LoopConnection, "__init__", init)
     return connections
 
 
@@ -148,17 +153,33 @@ def test_small_objects_go_through_the_loop_and_large_ones_through_the_threads(
 def test_small_object_kb_sets_the_limit_and_zero_turns_the_loop_off(
     s3: S3Server, tmp_path: Path, run_cli, stored: list[str], threaded: list[str], limit_kb: int
 ) -> None:
-    files = seed(s3, {**small_keys(12), "small/4KiB.bin": 4 * KiB, "small/4KiB-plus-1.bin": 4 * KiB + 1})
+    edges = {"small/empty.bin": 0, "small/4KiB.bin": 4 * KiB, "small/4KiB-plus-1.bin": 4 * KiB + 1}
+    files = seed(s3, {**small_keys(12), **edges})
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path, small_object_kb=limit_kb)
 
     assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
     assert_files(tmp_path / "data", files)
-    expected = sorted(key for key, body in files.items() if len(body) <= limit_kb * KiB)
+    expected = sorted(key for key, body in files.items() if limit_kb and len(body) <= limit_kb * KiB)
     assert sorted(stored) == expected
     assert sorted(threaded) == sorted(set(files) - set(expected))
     if limit_kb == 0:
         assert stored == []
+
+
+def test_objects_from_the_multipart_threshold_up_never_go_through_the_loop(
+    s3: S3Server, tmp_path: Path, run_cli, stored: list[str], threaded: list[str]
+) -> None:
+    """From multipart_threshold up an object keeps its resume checkpoints, which only the threads write: a
+    small_object_kb above the threshold must not send it through the loop."""
+    files = seed(s3, {"small/3KiB.bin": 3 * KiB, "big/1.5MiB.bin": 3 * MiB // 2, "big/1MiB-minus-1.bin": MiB - 1})
+
+    code, summary = run_json(run_cli, s3.endpoint, tmp_path, small_object_kb=2048, multipart_threshold_mb=1)
+
+    assert code == adl.EXIT_OK and (summary["downloaded"], summary["failed"]) == (len(files), 0)
+    assert_files(tmp_path / "data", files)
+    assert sorted(stored) == ["big/1MiB-minus-1.bin", "small/3KiB.bin"]
+    assert threaded == ["big/1.5MiB.bin"]
 
 
 # -- faults in the loop go to the threads ----------------------------------------------------------------------
@@ -473,6 +494,18 @@ class _TlsServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command (the test is skipped without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed, so no test certificate can be made")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+    command += ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 @pytest.fixture
 def tls_endpoint(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An https:// endpoint for moto, with a self-signed certificate trusted through AWS_CA_BUNDLE.
@@ -480,13 +513,7 @@ def tls_endpoint(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     The terminator speaks HTTP, not just bytes: moto closes every connection after one response, and the
     terminator keeps the client's TLS connection open across requests so the loop can reuse it.
     """
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed, so no test certificate can be made")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
-    command += ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
     server = _TlsServer(s3.endpoint, cert, key)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -527,3 +554,436 @@ def test_the_loop_works_over_tls_and_reuses_its_connections(
     assert_files(tmp_path / "one-connection", files)
     assert len(stored) == 20 and threaded == ["big/300KiB.bin"]
     assert 1 <= len(opened) <= 3, f"{len(opened)} TLS connections for 20 objects: keep-alive is not reused"
+
+
+# -- the loop against scripted servers -------------------------------------------------------------------------
+# Faults moto and the fault proxy cannot stage (a TLS handshake that never ends, a reset just as an idle keep-alive
+# connection is reused, a 103 before the 200) come from raw TCP servers whose handler scripts each connection.
+# The loop runs alone between a stand-in engine (unsigned requests) and a stand-in transfer that keeps bodies in
+# memory, so a test sees exactly what the loop did with each object: stored, handed over (and with what), or
+# interrupted.
+
+HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One request head (the loop sends no bodies); b"" when the client closed the connection first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(64 * KiB)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def open_sockets() -> set[str]:
+    """The sockets this process holds ("socket:[inode]"), where /proc shows them; empty elsewhere."""
+    links: set[str] = set()
+    fds = Path("/proc/self/fd")
+    if fds.is_dir():
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):  # the directory's own fd, gone by now
+                link = os.readlink(fd)
+                if link.startswith("socket:"):
+                    links.add(link)
+    return links
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that runs ``handler(conn)`` on a thread of its own per accepted connection,
+    after a TLS handshake when given a context. close() cuts every connection and joins every thread."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], tls: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # accept() wakes up to see close()
+        self.port: int = self.listener.getsockname()[1]
+        #: Every connection accepted, oldest first (TLS-wrapped when the server speaks TLS).
+        self.connections: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, name="raw-server", daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # the timeout that lets close() in, or a client that gave up
+                continue
+            conn.settimeout(10)  # a handler never waits on a forgotten client for long
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), name="raw-server", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the client left, or close() cut the connection
+            if isinstance(conn, ssl.SSLSocket):
+                conn.do_handshake()
+            self.handler(conn)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._threads[0].join(5)  # no connection is accepted after this
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv (close() alone does not)
+        for thread in self._threads:
+            thread.join(5)
+        for conn in self.connections:
+            conn.close()
+        self.listener.close()
+
+
+class StubEngine:
+    """What the loop uses of HttpEngine, for a scripted server: one address, no signature, no verification."""
+
+    def __init__(self, port: int, scheme: str) -> None:
+        self.bucket_address = adl.BucketAddress(scheme, f"127.0.0.1:{port}", "/b", "us-east-1")
+
+    def address(self, bucket: str) -> adl.BucketAddress:
+        return self.bucket_address
+
+    def signed_headers(
+        self, address: adl.BucketAddress, method: str, path: str, query: object, headers: dict[str, str]
+    ) -> dict[str, str]:
+        return {**headers, "host": address.host}
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the scripted servers' certificates are throwaway
+        return context
+
+
+class MemoryTransfer:
+    """What the loop uses of Transfer: the config, the stop flag, and a store_small that keeps bodies in memory."""
+
+    def __init__(self, **config: object) -> None:
+        defaults = {"parallel_downloads": 1, "connect_timeout_s": 1, "read_timeout_s": 2, "verify_checksums": False}
+        self.config = adl.build_config({**defaults, **config})
+        self.stop = threading.Event()
+        #: Bodies the loop stored, by key, in the order it stored them.
+        self.stored: dict[str, bytes] = {}
+
+    def store_small(self, obj: adl.S3Object, target: Path, headers: dict[str, str], body: bytes) -> adl.DownloadResult:
+        if len(body) != obj.size:
+            raise ConnectionError(f"body ended at {len(body)} of {obj.size} bytes")
+        self.stored[obj.key] = body
+        return adl.DownloadResult(obj, "downloaded", "", str(target), None, len(body), 1)
+
+
+class LoopRun:
+    """A SmallObjectLoop between a StubEngine and a MemoryTransfer, over objects k0, k1, ... of ``size`` bytes."""
+
+    def __init__(self, port: int, count: int, size: int, scheme: str, config: dict[str, object]) -> None:
+        self.transfer = MemoryTransfer(**config)
+        self.plans = [
+            adl.Planned(adl.S3Object("b", f"k{n}", size, "", 0.0), Path("memory", f"k{n}"), None) for n in range(count)
+        ]
+        #: What the loop ended itself (stored, interrupted), and what it handed to the threads: (key, exception).
+        self.results: list[adl.DownloadResult] = []
+        self.fallbacks: list[tuple[str, BaseException | None]] = []
+        engine, transfer = StubEngine(port, scheme), self.transfer
+        self.loop = adl.SmallObjectLoop(engine, transfer, self.results.append, self._fallback)  # type: ignore[arg-type]
+        self._closer: threading.Thread | None = None
+
+    def _fallback(self, planned: adl.Planned, exc: BaseException | None) -> None:
+        self.fallbacks.append((planned.obj.key, exc))
+
+    def run(self, within: float = 5.0) -> float:
+        """Submit every object and close(); returns the seconds that took (see close())."""
+        started = time.monotonic()
+        self.loop.submit(self.plans)
+        self.close(within)
+        return time.monotonic() - started
+
+    def close(self, within: float = 5.0) -> None:
+        """close() the loop; the test fails if it is still waiting after ``within`` (teardown ends it)."""
+        self._closer = threading.Thread(target=self.loop.close, name="loop-close", daemon=True)
+        self._closer.start()
+        self._closer.join(within)
+        assert not self._closer.is_alive(), f"close() still waiting after {within:g}s"
+
+    def end(self) -> None:
+        """Stop the loop and wait for it, whatever state the test left it in."""
+        self.transfer.stop.set()
+        if self._closer is None:
+            self._closer = threading.Thread(target=self.loop.close, name="loop-close", daemon=True)
+            self._closer.start()
+        self._closer.join(5)
+
+
+class Scripted:
+    """The scripted servers and loops of one test; finish() ends them and checks that no thread or socket
+    started during the test outlives it."""
+
+    def __init__(self) -> None:
+        self.servers: list[RawServer] = []
+        self.runs: list[LoopRun] = []
+        self._threads = set(threading.enumerate())
+        self._sockets = open_sockets()
+
+    def serve(self, handler: Callable[[socket.socket], None], tls: ssl.SSLContext | None = None) -> RawServer:
+        server = RawServer(handler, tls)
+        self.servers.append(server)
+        return server
+
+    def loop(self, server: RawServer, count: int, size: int = 5, scheme: str = "http", **config: object) -> LoopRun:
+        run = LoopRun(server.port, count, size, scheme, config)
+        self.runs.append(run)
+        return run
+
+    def finish(self) -> None:
+        for run in self.runs:
+            run.transfer.stop.set()
+        for server in self.servers:  # first: a connector thread in a handshake ends when its server goes
+            server.close()
+        for run in self.runs:
+            run.end()
+        deadline = time.monotonic() + 5
+        while True:
+            left = [t for t in threading.enumerate() if t not in self._threads and t.is_alive()]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert not left, f"threads outlived the test: {left}"
+        leaked = open_sockets() - self._sockets
+        assert not leaked, f"sockets outlived the test: {sorted(leaked)}"
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    harness = Scripted()
+    try:
+        yield harness
+    finally:
+        harness.finish()
+
+
+@pytest.fixture(scope="module")
+def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """A server-side TLS context with a throwaway self-signed certificate, for scripted servers."""
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("scripted-tls"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def answering(*parts: bytes, pause_s: float = 0.0) -> Callable[[socket.socket], None]:
+    """A handler that answers every request on its connection with ``parts``, sent one write each."""
+
+    def handler(conn: socket.socket) -> None:
+        while read_request(conn):
+            for n, part in enumerate(parts):
+                if n and pause_s:
+                    time.sleep(pause_s)
+                conn.sendall(part)
+
+    return handler
+
+
+def reset_after(answers: int) -> Callable[[socket.socket], None]:
+    """A handler that answers ``answers`` requests, then resets the connection as the next request arrives (a
+    keep-alive timeout firing just then): the request is left unread, so the close sends a RST."""
+
+    def handler(conn: socket.socket) -> None:
+        for _ in range(answers):
+            if not read_request(conn):
+                return
+            conn.sendall(HELLO)
+        conn.recv(1, socket.MSG_PEEK)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    return handler
+
+
+def never_answering(conn: socket.socket) -> None:
+    """Accepts the connection and reads whatever comes (a TLS ClientHello) without ever answering."""
+    while conn.recv(64 * KiB):
+        pass
+
+
+@pytest.mark.parametrize("stop_after_s", [None, 0.5], ids=["connect-timeout", "stop"])
+def test_a_server_that_never_answers_the_tls_handshake_does_not_hold_up_the_loop(
+    scripted: Scripted, stop_after_s: float | None
+) -> None:
+    """Handshakes run on connector threads, eight at once for parallel_downloads 8: twelve objects time out in
+    two rounds of connect_timeout_s, not one after another, and a stop ends every one of them at once."""
+    server = scripted.serve(never_answering)
+    run = scripted.loop(server, 12, scheme="https", parallel_downloads=8, connect_timeout_s=1)
+    keys = sorted(planned.obj.key for planned in run.plans)
+    stopper = threading.Timer(stop_after_s or 0, run.transfer.stop.set)
+    try:
+        if stop_after_s is not None:
+            stopper.start()
+        elapsed = run.run()
+    finally:
+        stopper.cancel()
+        if stopper.is_alive():
+            stopper.join()
+
+    if stop_after_s is None:
+        assert 1.0 <= elapsed < 3.5, f"close() returned after {elapsed:.1f}s"
+        assert run.results == []
+        assert sorted(key for key, _ in run.fallbacks) == keys
+        assert all(isinstance(exc, TimeoutError) for _, exc in run.fallbacks), run.fallbacks
+        assert len(server.connections) == 12  # one connection per object: the loop reached the server for each
+        assert run.loop._open == 0
+    else:
+        assert elapsed < 1.5, f"close() returned {elapsed:.1f}s after the start, the stop came at 0.5s"
+        assert sorted((r.obj.key, r.status) for r in run.results) == [(key, "interrupted") for key in keys]
+        assert run.fallbacks == []
+
+
+@pytest.mark.parametrize("connection", ["reused", "new"])
+def test_a_reset_before_the_answer_refetches_on_a_reused_connection_and_fails_on_a_new_one(
+    scripted: Scripted, connection: str
+) -> None:
+    """The server resets the connection as the request arrives. On a reused keep-alive connection that is the
+    server having dropped it while idle: the object is handed over with None (fetched again, no attempt
+    counted). On a new connection it is a network fault like any other: the failed attempt is passed on."""
+    server = scripted.serve(reset_after(1 if connection == "reused" else 0))
+    run = scripted.loop(server, 2)
+
+    run.run()
+
+    if connection == "reused":
+        assert run.transfer.stored == {"k0": b"hello"}
+        assert run.fallbacks == [("k1", None)]
+        assert len(server.connections) == 1
+    else:
+        assert run.transfer.stored == {}
+        assert [key for key, _ in run.fallbacks] == ["k0", "k1"]
+        assert all(isinstance(exc, ConnectionResetError) for _, exc in run.fallbacks), run.fallbacks
+        assert len(server.connections) == 2
+    assert [r.obj.key for r in run.results] == list(run.transfer.stored)
+    assert run.loop._open == 0
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_idle_connection_the_server_closed_is_dropped_before_it_is_reused(
+    scripted: Scripted, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """The server closes a keep-alive connection 0.2 s after its last answer. The loop is busy storing the last
+    object of the first batch (a slow disk) as that happens, so it has not seen the close when the second batch
+    comes: the check of a connection idle longer than IDLE_CHECK_S must find it, and no object is handed over."""
+    monkeypatch.setattr(adl.SmallObjectLoop, "IDLE_CHECK_S", 0.1)
+    idle_closed = threading.Event()
+
+    def close_when_idle(conn: socket.socket) -> None:
+        while read_request(conn):
+            conn.sendall(HELLO)
+            readable, _, _ = select.select([conn], [], [], 0.2)
+            if not readable:
+                conn.close()
+                idle_closed.set()
+                return
+
+    tls = request.getfixturevalue("tls_server_context") if scheme == "https" else None
+    server = scripted.serve(close_when_idle, tls)
+    run = scripted.loop(server, 6, scheme=scheme)
+    first, second = run.plans[:3], run.plans[3:]
+    storing_last, second_queued = threading.Event(), threading.Event()
+    store = run.transfer.store_small
+
+    def slow_store(obj: adl.S3Object, target: Path, headers: dict[str, str], body: bytes) -> adl.DownloadResult:
+        if obj.key == first[-1].obj.key:
+            storing_last.set()
+            second_queued.wait(5)
+            idle_closed.wait(5)
+            time.sleep(0.05)  # the close reaches the loop's end of the connection
+        return store(obj, target, headers, body)
+
+    run.transfer.store_small = slow_store  # type: ignore[method-assign]
+    run.loop.submit(first)
+    assert storing_last.wait(5)
+    run.loop.submit(second)
+    second_queued.set()
+    run.close()
+
+    assert idle_closed.is_set()
+    assert run.fallbacks == []
+    assert list(run.transfer.stored) == [planned.obj.key for planned in run.plans]
+    assert [r.status for r in run.results] == ["downloaded"] * 6
+    assert len(server.connections) == 2  # the second batch on a new connection, after the first was closed
+    assert run.loop._open == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "interim"), [(100, True), (102, True), (103, True), (101, False), (200, False), (204, False)]
+)
+def test_is_interim(status: int, interim: bool) -> None:
+    assert adl.is_interim(status) is interim
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+def test_the_loop_skips_an_interim_answer(scripted: Scripted) -> None:
+    """A 103 Early Hints (sent on its own, so it arrives as a read of its own) comes before every 200."""
+    server = scripted.serve(answering(EARLY_HINTS, HELLO, pause_s=0.02))
+    run = scripted.loop(server, 3)
+
+    run.run()
+
+    assert run.fallbacks == []
+    assert run.transfer.stored == {"k0": b"hello", "k1": b"hello", "k2": b"hello"}
+    assert len(server.connections) == 1  # the framing held: one keep-alive connection for all three
+
+
+def test_the_threads_connection_skips_an_interim_answer(scripted: Scripted) -> None:
+    server = scripted.serve(answering(EARLY_HINTS, HELLO, pause_s=0.02))
+    host = f"127.0.0.1:{server.port}"
+    connection = adl._Http11Connection("http", host, 2.0, 2.0, None)
+    try:
+        answers = []
+        for key in ("k0", "k1"):
+            response = connection.request("GET", f"/b/{key}", {"host": host})
+            answers.append((response.status, response.read(64), response.isclosed()))
+    finally:
+        connection.close()
+
+    assert answers == [(200, b"hello", True)] * 2
+    assert len(server.connections) == 1
+
+
+@pytest.mark.parametrize("fault", ["etag", "signer"])
+def test_a_request_that_cannot_be_built_hands_over_only_its_object(
+    scripted: Scripted, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A listing ETag that is not latin-1 (on a new connection) or credentials that fail to refresh (on a reused
+    one) end that object's request before it is sent: the loop hands it over with the error and goes on."""
+    caplog.set_level(logging.ERROR)
+    server = scripted.serve(answering(HELLO))
+    run = scripted.loop(server, 4)
+    if fault == "etag":
+        bad = "k0"
+        run.plans[0] = adl.Planned(adl.S3Object("b", bad, 5, "abc\u0119", 0.0), run.plans[0].target, None)
+    else:
+        bad = "k1"
+        engine = run.loop.engine
+        signed_headers = engine.signed_headers
+        calls = []
+
+        def failing_second_time(*args: object) -> dict[str, str]:
+            calls.append(args)
+            if len(calls) == 2:
+                raise RuntimeError("credential refresh failed")
+            return signed_headers(*args)
+
+        engine.signed_headers = failing_second_time  # type: ignore[method-assign]
+
+    run.run()
+
+    assert [key for key, _ in run.fallbacks] == [bad], run.fallbacks
+    exc = run.fallbacks[0][1]
+    assert isinstance(exc, UnicodeEncodeError if fault == "etag" else RuntimeError), exc
+    assert sorted(run.transfer.stored) == sorted({"k0", "k1", "k2", "k3"} - {bad})
+    assert "The small-object loop failed; continuing with worker threads" not in caplog.messages
+    assert run.loop._open == 0
