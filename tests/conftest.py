@@ -94,6 +94,15 @@ class S3Server:
         self.client.create_bucket(Bucket=bucket)
         return bucket
 
+    def seed_random(self, bucket: str, sizes: dict[str, int], seed: int) -> dict[str, bytes]:
+        """Make ``bucket`` and fill it with random bytes of the given sizes; returns key -> body."""
+        rng = random.Random(seed)
+        self.make_bucket(bucket)
+        files = {key: rng.randbytes(size) for key, size in sizes.items()}
+        for key, body in files.items():
+            self.put(bucket, key, body)
+        return files
+
     def put(self, bucket: str, key: str, body: bytes, **extra) -> str:
         """Upload in one PUT; returns the ETag without quotes."""
         client = self.client

@@ -24,12 +24,7 @@ BUCKET = "retry-data"
 
 
 def seed(s3: S3Server, sizes: dict[str, int], seed: int = 3) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    s3.make_bucket(BUCKET)
-    files = {key: rng.randbytes(size) for key, size in sizes.items()}
-    for key, body in files.items():
-        s3.put(BUCKET, key, body)
-    return files
+    return s3.seed_random(BUCKET, sizes, seed)
 
 
 def run_json(run_cli, proxy: FaultProxy, tmp_path: Path, **config: object) -> tuple[int, dict]:

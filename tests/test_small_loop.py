@@ -44,12 +44,7 @@ BUCKET = "small-loop"
 
 
 def seed(server: S3Server, sizes: dict[str, int], bucket: str = BUCKET, seed: int = 11) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    server.make_bucket(bucket)
-    files = {key: rng.randbytes(size) for key, size in sizes.items()}
-    for key, body in files.items():
-        server.put(bucket, key, body)
-    return files
+    return server.seed_random(bucket, sizes, seed)
 
 
 def small_keys(count: int, prefix: str = "small") -> dict[str, int]:
