@@ -2524,12 +2524,16 @@ class _LoopConnection:
 
     def __init__(self, sock: Any, key: tuple[str, str], tls: bool) -> None:
         self.sock = sock
+        #: (scheme, host): which requests this connection can serve.
         self.key = key
         self.tls = tls
+        #: The selector events it is registered for (READ, plus WRITE while a request is half sent).
         self.events = 0
+        #: It served a request before: an EOF or reset before the next answer means the server closed it idle.
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
+        #: The object whose GET it is serving; None while idle.
         self.planned: Planned | None = None
         self.reset()
 
@@ -2587,16 +2591,22 @@ class SmallObjectLoop:
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
+        #: Objects submitted and not started yet; the main thread appends, the loop pops (deque ops are atomic).
         self._queue: collections.deque[Planned] = collections.deque()
+        #: Set when the queue is short again, so a submit() waiting for room can go on.
         self._room = threading.Event()
+        #: No more submissions: the loop ends once everything it has is finished.
         self._closed = False
         self._selector = selectors.DefaultSelector()
+        #: A byte on this socket pair wakes the loop from select() (new objects, a finished connect, close).
         self._wake_in, self._wake_out = socket.socketpair()
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
         self._selector.register(self._wake_in, self._read, None)
+        #: Connections serving a request, and idle keep-alive connections by (scheme, host).
         self._active: set[_LoopConnection] = set()
         self._idle: dict[tuple[str, str], list[_LoopConnection]] = {}
+        #: Connections open or being opened: never more than ``connections``.
         self._open = 0
         #: The object being started: if starting it raises, it is in neither the queue nor a connection.
         self._starting: Planned | None = None
