@@ -1183,13 +1183,14 @@ class _HttpBody:
 
 
 class HttpEngine:
-    """GETs over a minimal HTTP/1.1 client, a keep-alive connection per worker thread, and a caching signer.
+    """GETs, listings and HEADs over a minimal HTTP/1.1 client, a keep-alive connection per worker thread, and a
+    caching signer (the small-object loop borrows its addressing and signing too).
 
     Measured on a 2-core box against SeaweedFS: botocore's client machinery costs ~1 ms of CPU per small GET
     and urllib3 ~0.2 ms more than http.client; this engine is what lets a Python process keep up with s5cmd.
-    Everything that is not a GET (listing, HEAD, discovery) still goes through the shared boto3 client, and
-    credentials, endpoint, addressing style and region come from botocore, so profiles, SSO, IAM roles,
-    custom endpoints and path-style addressing behave exactly as they do in boto3.
+    Bucket discovery still goes through the shared boto3 client, and credentials, endpoint, addressing style
+    and region come from botocore, so profiles, SSO, IAM roles, custom endpoints and path-style addressing
+    behave exactly as they do in boto3.
     """
 
     def __init__(self, session: Any, client: Any, config: Config) -> None:
@@ -1197,7 +1198,6 @@ class HttpEngine:
         self.client = client
         self.config = config
         self._regional_clients: dict[str, Any] = {}
-        self._boto = Boto3Engine(client, config.request_payer)
         credentials = None if config.no_sign_request else session.get_credentials()
         self.signer = SigV4Signer(credentials, client.meta.region_name or "us-east-1")
         self._local = threading.local()
