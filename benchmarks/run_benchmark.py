@@ -33,7 +33,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,6 +307,17 @@ class SeaweedFS:
                 time.sleep(0.25)
         raise RuntimeError(f"SeaweedFS did not answer on port {self.s3_port} within {timeout}s; see {logs}")
 
+    def cpu_seconds(self) -> float | None:
+        """The server's user+sys CPU so far (Linux /proc), so each run's server cost can be shown next to the
+        client's: on 2 shared cores the two together bound what any client can reach."""
+        if self.process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """Terminate the server we started (and only it), killing it if it does not exit within 15 s."""
         if self.process is not None and self.process.poll() is None:
@@ -479,6 +490,7 @@ class Run:
     full_check: bool = False
     ttfb_s: float | None = None
     cpu_children_delta_s: float = 0.0  # the same CPU seen through getrusage(RUSAGE_CHILDREN): a cross-check
+    server_cpu_s: float | None = None  # the SeaweedFS process's user+sys CPU during the run
     exit_code: int | None = None
     error: str = ""
     command: list[str] = field(default_factory=list)
@@ -661,11 +673,15 @@ def run_one(
     run = Run(workload.name, tool, rep, ok=False, command=command, full_check=full_check)
     os.sync()
     try:
+        server_before = ctx.server_cpu()
         try:
             measured = run_measured(command, ctx.env, run_dir, ctx.time_bin, ctx.timeout, watch)
         except TimeoutError as exc:
             run.error = str(exc)
             return run
+        server_after = ctx.server_cpu()
+        if server_before is not None and server_after is not None:
+            run.server_cpu_s = server_after - server_before
         run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
         run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
         run.ttfb_s, run.exit_code = measured["ttfb_s"], measured["exit_code"]
@@ -697,6 +713,7 @@ class Context:
     bins: dict[str, str]
     time_bin: str | None
     timeout: float
+    server_cpu: Callable[[], float | None] = lambda: None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -725,6 +742,7 @@ def summarize(runs: list[Run], workload: Workload, tool: str) -> dict[str, Any] 
     total = good[0].bytes
     cpu = statistics.median(run.cpu_s for run in good)
     rss = [run.peak_rss_mib for run in good if run.peak_rss_mib is not None]
+    server = [run.server_cpu_s for run in good if run.server_cpu_s is not None]
     ttfbs = [run.ttfb_s for run in good if run.ttfb_s is not None]
     return {
         "failed": False,
@@ -739,6 +757,7 @@ def summarize(runs: list[Run], workload: Workload, tool: str) -> dict[str, Any] 
         "cpu_s": cpu,
         "cpu_ms_per_object": cpu * 1000 / files,
         "cpu_s_per_gb": cpu / (total / 1e9),
+        "server_cpu_s": statistics.median(server) if server else None,
         "peak_rss_mib": max(rss) if rss else None,
         "ttfb_s": statistics.median(ttfbs) if ttfbs else None,
         "ttfb_min": min(ttfbs) if ttfbs else None,
@@ -752,7 +771,8 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
     lines = [
         f"Benchmark ({'quick' if meta['quick'] else 'full'}): {meta['date']}, {meta['cpus']} CPUs, "
         f"SeaweedFS {meta['versions'].get('weed', '?')} `weed mini` on 127.0.0.1, {meta['reps']} rep(s) per tool "
-        f"(interleaved), median wall (min-max). MB = 10^6 bytes. CPU = user+sys of the whole process tree. "
+        f"(interleaved), median wall (min-max). MB = 10^6 bytes. CPU = user+sys of the whole process tree; "
+        f"server CPU = the SeaweedFS process's user+sys during the run. "
         f"RSS = peak resident set ({meta['rss_source']}). Ratio vs s5cmd = files/s (small) or MB/s (medium, large).",
         "",
     ]
@@ -790,13 +810,14 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
         lines.append(f"### {name}: {workload.count:,} x {fmt_size(workload.size)} ({fmt_size(workload.total_bytes)})")
         lines += [
             "",
-            f"| tool | wall s | files/s | MB/s | CPU s | {per} | peak RSS MiB | vs s5cmd |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| tool | wall s | files/s | MB/s | CPU s | {per} | server CPU s | peak RSS MiB | vs s5cmd |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for tool, row in summaries.items():
             if row["failed"]:
-                lines.append(f"| {tool} | FAILED ({row['errors'][0][:80]}) | | | | | | |")
+                lines.append(f"| {tool} | FAILED ({row['errors'][0][:80]}) | | | | | | | |")
                 continue
+            server = "n/a" if row.get("server_cpu_s") is None else f"{row['server_cpu_s']:.2f}"
             per_value = f"{row['cpu_ms_per_object']:.2f}" if name == "small" else f"{row['cpu_s_per_gb']:.2f}"
             ratio = ""
             if reference and not reference["failed"]:
@@ -804,7 +825,8 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
                 ratio = f"{row[key] / reference[key]:.2f}x"
             lines.append(
                 f"| {tool} | {row['wall_s']:.2f} ({row['wall_min']:.2f}-{row['wall_max']:.2f}) | {row['files_per_s']:,.0f} "
-                f"| {row['mb_per_s']:,.0f} | {row['cpu_s']:.2f} | {per_value} | {fmt_rss(row['peak_rss_mib'])} | {ratio} |"
+                f"| {row['mb_per_s']:,.0f} | {row['cpu_s']:.2f} | {per_value} | {server} | {fmt_rss(row['peak_rss_mib'])} "
+                f"| {ratio} |"
             )
         lines.append("")
     failures = [run for run in results["runs"] if not run["ok"]]
@@ -914,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting SeaweedFS (data in {server.workdir})", flush=True)
             server.start()
             env = tool_env(workdir, server.endpoint)
-            ctx = Context(workdir, server.endpoint, env, bins, time_bin, args.timeout)  # type: ignore[arg-type]
+            ctx = Context(workdir, server.endpoint, env, bins, time_bin, args.timeout, server.cpu_seconds)  # type: ignore[arg-type]
             manifests = {name: seed(workdir, server, w, bins["s5cmd"], env) for name, w in workloads.items()}  # type: ignore[arg-type]
             for name, workload in workloads.items():
                 for rep in range(args.reps):
