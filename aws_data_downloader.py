@@ -661,8 +661,30 @@ def make_client(session: Any, config: Config, region: str | None = None) -> Any:
         response_checksum_validation="when_required",
         user_agent_extra=f"aws-data-downloader/{__version__}",
     )
-    region = region or config.region or session.region_name or "us-east-1"
+    region = region or default_region(session, config)
     return session.client("s3", region_name=region, endpoint_url=endpoint_url, config=boto_config)
+
+
+class SharedClient:
+    """The run's one botocore S3 client, built on first use: building it costs ~0.06 s of a ~0.23 s start-up,
+    and a run of named buckets on a path-style endpoint with the http engine never needs it."""
+
+    def __init__(self, session: Any, config: Config) -> None:
+        self.session = session
+        self.config = config
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = make_client(self.session, self.config)
+            return self._client
+
+
+def default_region(session: Any, config: Config) -> str:
+    """The region requests are signed for unless a bucket says otherwise, as make_client chooses it."""
+    return config.region or session.region_name or "us-east-1"
 
 
 def error_code(exc: BaseException) -> tuple[int, str]:
@@ -1182,24 +1204,42 @@ class _HttpBody:
         self._engine.drop_connection(self._connection)
 
 
+#: Bucket names that stand in a URL path as they are (every valid S3 bucket name does).
+_PLAIN_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]*")
+
+
 class HttpEngine:
     """GETs, listings and HEADs over a minimal HTTP/1.1 client, a keep-alive connection per worker thread, and a
     caching signer (the small-object loop borrows its addressing and signing too).
 
     Measured on a 2-core box against SeaweedFS: botocore's client machinery costs ~1 ms of CPU per small GET
     and urllib3 ~0.2 ms more than http.client; this engine is what lets a Python process keep up with s5cmd.
-    Bucket discovery still goes through the shared boto3 client, and credentials, endpoint, addressing style
-    and region come from botocore, so profiles, SSO, IAM roles, custom endpoints and path-style addressing
-    behave exactly as they do in boto3.
+    Credentials, endpoint, addressing style and region come from botocore, so profiles, SSO, IAM roles, custom
+    endpoints and path-style addressing behave exactly as they do in boto3. The botocore client itself (for
+    ListBuckets, discovery and virtual-hosted addresses) is built only when needed: named buckets on a
+    path-style custom endpoint are probed and addressed here, saving its ~0.06 s at start-up.
     """
 
-    def __init__(self, session: Any, client: Any, config: Config) -> None:
+    def __init__(self, session: Any, clients: SharedClient, config: Config) -> None:
         self.session = session
-        self.client = client
+        self.clients = clients
         self.config = config
         self._regional_clients: dict[str, Any] = {}
         credentials = None if config.no_sign_request else session.get_credentials()
-        self.signer = SigV4Signer(credentials, client.meta.region_name or "us-east-1")
+        if credentials is None and not config.no_sign_request:  # never fall back to unsigned requests
+            import botocore.exceptions
+
+            raise CredentialsError(credentials_problem(botocore.exceptions.NoCredentialsError()) or "")
+        self.region = default_region(session, config)
+        self.signer = SigV4Signer(credentials, self.region)
+        endpoint = resolve_endpoint_url(config)
+        parts = urllib.parse.urlsplit(endpoint) if endpoint else None
+        #: A custom endpoint addressed path-style (the default for one): bucket addresses need no botocore client.
+        self.path_style_endpoint = (
+            parts
+            if parts is not None and config.addressing_style in ("auto", "path") and parts.path in ("", "/")
+            else None
+        )
         self._local = threading.local()
         self._addresses: dict[str, BucketAddress] = {}
         self._regions: dict[str, str] = {}
@@ -1217,13 +1257,19 @@ class HttpEngine:
                 self._addresses.pop(bucket, None)
 
     def address(self, bucket: str) -> BucketAddress:
-        """Ask botocore once per bucket how it would address it (a presigned URL costs no request)."""
+        """Ask botocore once per bucket how it would address it (a presigned URL costs no request); on a
+        path-style custom endpoint the address is simply ``/<bucket>``, as botocore's would be."""
         address = self._addresses.get(bucket)
         if address is not None:
             return address
         with self._lock:
-            region = self._regions.get(bucket) or self.client.meta.region_name or "us-east-1"
-            client = self.client
+            region = self._regions.get(bucket) or self.region
+            endpoint = self.path_style_endpoint
+            if endpoint is not None and _PLAIN_BUCKET.fullmatch(bucket):
+                address = BucketAddress(endpoint.scheme, endpoint.netloc, "/" + bucket, region)
+                self._addresses[bucket] = address
+                return address
+            client = self.clients.get()
             if region != client.meta.region_name and not resolve_endpoint_url(self.config):
                 client = self._regional_client(region)
             url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=60)
@@ -1233,6 +1279,26 @@ class HttpEngine:
             address = BucketAddress(parts.scheme, parts.netloc, parts.path[: -len("/k")], region)
             self._addresses[bucket] = address
             return address
+
+    def probe_bucket(self, bucket: str) -> tuple[str | None, BucketProblem | None]:
+        """probe_bucket's checks through this engine: a HEAD, and after a bare 403 a zero-key listing, whose
+        error body tells a wrong key from a denied bucket."""
+        import http.client
+
+        anonymous = self.config.no_sign_request
+        try:
+            try:
+                self._read_small(bucket, [], method="HEAD")
+            except S3Error as exc:
+                if not (exc.status == 403 or exc.code in ("403", "AccessDenied", "Forbidden")):
+                    return None, bucket_problem(bucket, exc, anonymous)
+                try:
+                    self._read_small(bucket, [("list-type", "2"), ("max-keys", "0")])
+                except S3Error as list_exc:
+                    return None, bucket_problem(bucket, list_exc, anonymous, denied=True)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DownloaderError(f"cannot reach S3 for bucket '{bucket}': {exc}") from None
+        return self._regions.get(bucket), None
 
     def _regional_client(self, region: str) -> Any:
         client = self._regional_clients.get(region)
@@ -1331,12 +1397,12 @@ class HttpEngine:
             if not token:
                 return
 
-    def _read_small(self, bucket: str, query: list[tuple[str, str]]) -> bytes:
-        """A small GET on the bucket (a listing page), retried like botocore would on transient faults."""
+    def _read_small(self, bucket: str, query: list[tuple[str, str]], method: str = "GET") -> bytes:
+        """A small GET (a listing page) or HEAD on the bucket, retried like botocore would on transient faults."""
         attempt = 0
         while True:
             try:
-                connection, response = self._open(bucket, None, query, {})
+                connection, response = self._open(bucket, None, query, {}, method=method)
                 try:
                     body = response.read()
                 finally:
@@ -1348,7 +1414,8 @@ class HttpEngine:
                 if not is_retryable(exc) or attempt > self.config.retry_attempts:
                     raise
                 delay = backoff_delay(attempt - 1, self.config.retry_backoff_s)
-                log.info("Retrying listing of %s (attempt %d) after %s; waiting %.2fs", bucket, attempt + 1, exc, delay)
+                what = "listing of" if method == "GET" else "request on"
+                log.info("Retrying %s %s (attempt %d) after %s; waiting %.2fs", what, bucket, attempt + 1, exc, delay)
                 time.sleep(delay)
 
     def _open(
@@ -1462,15 +1529,15 @@ class HttpEngine:
         )
 
 
-def make_engine(session: Any, client: Any, config: Config) -> Engine:
+def make_engine(session: Any, clients: SharedClient, config: Config) -> Engine:
     """The GET engine for a run: the fast one unless the config or an HTTP proxy asks for boto3's."""
     choice = config.engine
     if choice == "auto":
         proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
         choice = "boto3" if proxied else "http"
     if choice == "http":
-        return HttpEngine(session, client, config)
-    return Boto3Engine(client, config.request_payer)
+        return HttpEngine(session, clients, config)
+    return Boto3Engine(clients.get(), config.request_payer)
 
 
 def parse_s3_timestamp(text: str) -> float:
@@ -1553,6 +1620,25 @@ def _is_anonymous(client: Any) -> bool:
     return client.meta.config.signature_version is UNSIGNED
 
 
+def bucket_problem(bucket: str, exc: BaseException, anonymous: bool, denied: bool = False) -> BucketProblem:
+    """What a failed request on ``bucket`` means, in the user's words; CredentialsError when the keys are at fault.
+
+    ``denied`` says a bare 403 was already seen (a HEAD has no error body to say more).
+    """
+    problem = credentials_problem(exc)
+    if problem:
+        raise CredentialsError(problem) from None
+    status, code = error_code(exc)
+    if not denied and (status == 404 or code in ("404", "NoSuchBucket", "NotFound")):
+        return BucketProblem(bucket, f"bucket '{bucket}' does not exist")
+    if denied or status == 403 or code in ("403", "AccessDenied", "Forbidden"):
+        reason = f"Access Denied for bucket '{bucket}'"
+        if anonymous:
+            reason += " (the request was anonymous: the bucket is not public; drop --no-sign-request)"
+        return BucketProblem(bucket, reason)
+    return BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
+
+
 def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | None]:
     """Check one bucket is readable; returns (its region, None) or (None, the problem)."""
     import botocore.exceptions
@@ -1566,26 +1652,18 @@ def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | 
         if problem:
             raise CredentialsError(problem) from None
         status, code = error_code(exc)
-        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-            return None, BucketProblem(bucket, f"bucket '{bucket}' does not exist")
         if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
             # A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403 (on AWS
             # and SeaweedFS alike); a one-key listing's error body tells them apart.
             try:
                 client.list_objects_v2(Bucket=bucket, MaxKeys=1)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as list_exc:
-                problem = credentials_problem(list_exc)
-                if problem:
-                    raise CredentialsError(problem) from None
-                denied = f"Access Denied for bucket '{bucket}'"
-                if _is_anonymous(client):
-                    denied += " (the request was anonymous: the bucket is not public; drop --no-sign-request)"
-                return None, BucketProblem(bucket, denied)
+                return None, bucket_problem(bucket, list_exc, _is_anonymous(client), denied=True)
             return None, None  # listing, which is what a download needs, is allowed
         if status == 301 or code == "PermanentRedirect":
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return headers.get("x-amz-bucket-region"), None
-        return None, BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
+        return None, bucket_problem(bucket, exc, _is_anonymous(client))
     except botocore.exceptions.BotoCoreError as exc:
         problem = credentials_problem(exc)
         if problem:
@@ -1594,11 +1672,15 @@ def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | 
 
 
 def discover_buckets(
-    client: Any, named: Sequence[str], regions: dict[str, str] | None = None
+    client: Any,
+    named: Sequence[str],
+    regions: dict[str, str] | None = None,
+    probe: Callable[[str], tuple[str | None, BucketProblem | None]] | None = None,
 ) -> tuple[list[str], list[BucketProblem]]:
     """The buckets to download from and the ones we cannot read; fills ``regions`` with each bucket's region.
 
-    Named buckets are probed as given; otherwise the account's buckets are listed and each is probed.
+    Named buckets are probed as given (with ``probe`` when one is given, else through ``client``, which may
+    then be None); otherwise the account's buckets are listed and each is probed.
     """
     import botocore.exceptions
 
@@ -1619,7 +1701,7 @@ def discover_buckets(
     accessible: list[str] = []
     problems: list[BucketProblem] = []
     for name in names:
-        region, problem = probe_bucket(client, name)
+        region, problem = probe(name) if probe is not None else probe_bucket(client, name)
         if problem:
             problems.append(problem)
         else:
@@ -3731,7 +3813,8 @@ class AWSDataDownloader:
         session = make_session(config, credentials)
         if credentials.access_key:
             log.info("Using access key %s", mask_access_key(credentials.access_key))
-        client = make_client(session, config)
+        clients = SharedClient(session, config)
+        engine = make_engine(session, clients, config)
         regions: dict[str, str] = {}
         manifest_objects: list[S3Object] | None = None
         if from_manifest is not None:
@@ -3740,7 +3823,11 @@ class AWSDataDownloader:
             problems: list[BucketProblem] = []
         else:
             try:
-                buckets, problems = discover_buckets(client, config.buckets, regions)
+                if config.buckets and isinstance(engine, HttpEngine) and engine.path_style_endpoint is not None:
+                    # No botocore client is built for this run unless something needs it.
+                    buckets, problems = discover_buckets(None, config.buckets, regions, engine.probe_bucket)
+                else:
+                    buckets, problems = discover_buckets(clients.get(), config.buckets, regions)
             except botocore.exceptions.NoCredentialsError:
                 raise CredentialsError(credentials_problem(botocore.exceptions.NoCredentialsError()) or "") from None
         if not config.no_sign_request and buckets and manifest_objects is None:
@@ -3770,7 +3857,6 @@ class AWSDataDownloader:
         )
         stopped_reason: str | None = None
         workers = config.parallel_downloads
-        engine = make_engine(session, client, config)
         self._abort = engine.abort
         for bucket, region in regions.items():
             engine.set_bucket_region(bucket, region)

@@ -72,9 +72,12 @@ def test_command_line_secrets_never_leak(s3: S3Server, tmp_path: Path, run_cli) 
     credentials = ["--access-key", access_key, "--secret-key", secret_key, "--session-token", token]
     common = ["--download-dir", str(download_dir), "--verbose", *credentials, *s3.args()]
 
+    # The boto3 engine sends every request through botocore, whose debug output prints the token header.
+    (tmp_path / "boto3.yaml").write_text("engine: boto3\n")
     code, out, err = run_cli(
-        "--buckets", BUCKET, *common, "--log-file", "run.log", "--manifest", str(tmp_path / "m.jsonl"), "--json"
-    )
+        "--buckets", BUCKET, *common, "--log-file", "run.log", "--manifest", str(tmp_path / "m.jsonl"), "--json",
+        "--config", "boto3.yaml",
+    )  # fmt: skip
     assert code == adl.EXIT_FAILED, err
     summary = json.loads(out)
     assert summary["downloaded"] == 2 and summary["failed"] == 1
@@ -125,6 +128,8 @@ def test_environment_secrets_never_leak_in_debug_output(s3: S3Server, tmp_path: 
     env = s3.env()
     env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, AWS_SESSION_TOKEN=token)
     download_dir = tmp_path / "data"
+    # The boto3 engine sends every request through botocore, whose debug output prints the token header.
+    (tmp_path / "boto3.yaml").write_text("engine: boto3\n")
     result = subprocess.run(
         [
             sys.executable,
@@ -139,6 +144,8 @@ def test_environment_secrets_never_leak_in_debug_output(s3: S3Server, tmp_path: 
             "--manifest",
             "m.jsonl",
             "--json",
+            "--config",
+            "boto3.yaml",
         ],
         cwd=tmp_path,
         env=env,
