@@ -163,12 +163,18 @@ def write_config(tmp_path: Path, settings: dict[str, object]) -> str:
 
 
 def cli_json(
-    run_cli, endpoint: str, tmp_path: Path, bucket: str, settings: dict[str, object], out_dir: str = "data"
+    run_cli,
+    endpoint: str,
+    tmp_path: Path,
+    bucket: str,
+    settings: dict[str, object],
+    out_dir: str = "data",
+    extra: tuple[str, ...] = (),
 ) -> tuple[int, dict]:
     """The CLI with --json and a config of ``settings``, downloading ``bucket`` from ``endpoint``."""
     code, out, err = run_cli(
         "--buckets", bucket, "--download-dir", str(tmp_path / out_dir), "--endpoint-url", endpoint,
-        "--config", write_config(tmp_path, settings), "--json",
+        "--config", write_config(tmp_path, settings), "--json", *extra,
     )  # fmt: skip
     assert out.strip(), err
     return code, json.loads(out)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import S3Server
+from conftest import S3Server, cli_json
 from faultproxy import FaultProxy, KiB
 
 import aws_data_downloader as adl
@@ -35,22 +35,7 @@ def files(s3: S3Server) -> dict[str, bytes]:
 
 
 def run(run_cli, proxy: FaultProxy, tmp_path: Path, *extra: str) -> tuple[int, dict]:
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(SETTINGS))
-    code, out, err = run_cli(
-        "--buckets",
-        BUCKET,
-        "--download-dir",
-        str(tmp_path / "data"),
-        "--endpoint-url",
-        proxy.url,
-        "--config",
-        str(config),
-        "--json",
-        *extra,
-    )
-    assert out.strip(), err
-    return code, json.loads(out)
+    return cli_json(run_cli, proxy.url, tmp_path, BUCKET, SETTINGS, extra=extra)
 
 
 def resume_paths(tmp_path: Path) -> tuple[Path, Path]:
