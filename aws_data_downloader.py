@@ -2659,6 +2659,7 @@ class SmallObjectLoop:
         on_result: Callable[[DownloadResult], None],
         on_fallback: Callable[[Planned, BaseException | None], None],
     ) -> None:
+        import select
         import selectors
         import socket
         import ssl
@@ -2673,6 +2674,7 @@ class SmallObjectLoop:
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
+        self._select = select.select
         #: Objects submitted and not started yet; the main thread appends, the loop pops (deque ops are atomic).
         self._queue: collections.deque[Planned] = collections.deque()
         #: Set when the queue is short again, so a submit() waiting for room can go on.
@@ -2688,8 +2690,6 @@ class SmallObjectLoop:
         #: Connections serving a request, and idle keep-alive connections by (scheme, host).
         self._active: set[_LoopConnection] = set()
         self._idle: dict[tuple[str, str], list[_LoopConnection]] = {}
-        #: Connections open or being opened: never more than ``connections``.
-        self._open = 0
         #: The object being started: if starting it raises, it is in neither the queue nor a connection.
         self._starting: Planned | None = None
         #: Objects waiting for a connection a connector thread is opening, and the finished openings.
@@ -2700,6 +2700,11 @@ class SmallObjectLoop:
         self._ready_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="adl-small", daemon=True)
         self._thread.start()
+
+    @property
+    def _open(self) -> int:
+        """Connections open or being opened: never more than ``connections``."""
+        return len(self._active) + len(self._connecting) + sum(len(idle) for idle in self._idle.values())
 
     # -- the main thread's side -----------------------------------------------------------------------------
 
@@ -2822,13 +2827,11 @@ class SmallObjectLoop:
 
     def _idle_connection(self, key: tuple[str, str]) -> _LoopConnection | None:
         """An idle keep-alive connection to the host; one idle for a while is checked first (servers close them)."""
-        import select
-
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             if time.monotonic() - connection.idle_since > self.IDLE_CHECK_S:
-                readable, _, _ = select.select([connection.sock], [], [], 0)
+                readable, _, _ = self._select([connection.sock], [], [], 0)
                 if readable:  # EOF, a reset or stray bytes: nothing a request can use
                     self._close(connection)
                     continue
@@ -2850,7 +2853,6 @@ class SmallObjectLoop:
             other = next((c for connections in self._idle.values() for c in connections), None)
             if other is not None:
                 self._close(other)
-        self._open += 1
         self._connecting[id(planned)] = planned
         if self._connector is None:
             self._connector = ThreadPoolExecutor(min(8, self.connections), thread_name_prefix="adl-connect")
@@ -2891,7 +2893,6 @@ class SmallObjectLoop:
             try:
                 sock = future.result()
             except Exception as exc:  # DNS, refused connection, TLS handshake: a network fault like any other
-                self._open -= 1
                 self.on_fallback(planned, exc)
                 continue
             connection = _LoopConnection(sock, (address.scheme, address.host), address.scheme == "https")
@@ -3030,7 +3031,6 @@ class SmallObjectLoop:
             self._selector.unregister(connection.sock)
         connection.sock.close()
         connection.planned = None
-        self._open -= 1
 
     def _abandon(self) -> None:
         """The run is stopping: whatever is in flight or queued ends as interrupted (nothing was renamed)."""
@@ -3057,7 +3057,6 @@ class SmallObjectLoop:
         for _planned, _address, future in ready:  # sockets opened for objects the loop no longer has
             if not future.cancelled() and future.exception() is None:
                 future.result().close()
-        self._open = len(self._active)
         self._room.set()
 
 
