@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 __version__ = "1.0.0"
 
@@ -65,6 +65,36 @@ log = logging.getLogger("aws_data_downloader")
 
 KiB = 1024
 MiB = 1024 * KiB
+
+T = TypeVar("T")
+
+
+def plan_object(
+    obj: S3Object, root: Path, filters: Filters, overwrite: bool, journal: ResumeJournal | NullJournal
+) -> Planned | None:
+    """Filter, place and skip-check one object; None when the filters leave it out of the selection."""
+    if filter_reason(obj, filters) is not None:
+        return None
+    if obj.key.endswith("/"):
+        return Planned(obj, None, DownloadResult(obj, "failed", "unsafe key: folder marker with data"))
+    if obj.storage_class in ARCHIVED_STORAGE_CLASSES:
+        return Planned(obj, None, DownloadResult(obj, "skipped", f"archived storage class ({obj.storage_class})"))
+    try:
+        target = local_path_for(root, obj.bucket, obj.key)
+    except UnsafeKeyError as exc:
+        return Planned(obj, None, DownloadResult(obj, "failed", str(exc)))
+    try:
+        local = os.lstat(target)
+    except OSError:
+        local = None
+    done = journal.completed(obj.bucket, obj.key)
+    reason = skip_reason(obj, local, done, overwrite)
+    if reason is None:
+        return Planned(obj, target, None)
+    checksum = done.checksum if done is not None else None
+    if done is not None and done.version_id and not obj.version_id:
+        obj = dataclasses.replace(obj, version_id=done.version_id)
+    return Planned(obj, target, DownloadResult(obj, "skipped", reason, str(target), checksum))
 
 
 ###############################################################################
@@ -127,6 +157,21 @@ class DownloadInterrupted(DownloaderError):
     """The run was stopped (Ctrl-C, SIGTERM); completed files and resume state are kept."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+# Failures of one object, raised inside a transfer and turned into its result (never out of a run).
+
+
+class ChecksumMismatch(Exception):
+    """The bytes received do not match the object's ETag or checksum."""
+
+
+class DiskFull(Exception):
+    """ENOSPC while writing; the whole run stops."""
+
+
+class Interrupted(Exception):
+    """The run's stop event was set while this object was in flight."""
 
 
 ###############################################################################
@@ -201,13 +246,19 @@ OPTIONS: tuple[Option, ...] = (
         "retry_attempts",
         "int",
         5,
-        "Retries per object (and per request) on network faults, 5xx, throttling and checksum mismatch.",
+        "Retries of each request (listing page, HEAD, GET of an object or a part) on network faults, 5xx and "
+        "throttling; also how often an object is fetched again after a checksum mismatch.",
         "--retry-attempts",
         minimum=0,
         maximum=50,
     ),
     Option(
-        "retry_mode", "choice", "standard", "botocore's retry mode for API calls.", choices=("standard", "adaptive")
+        "retry_mode",
+        "choice",
+        "standard",
+        "botocore's retry mode: 'adaptive' adds its client-side rate limiting after throttling (boto3 engine); "
+        "retries themselves follow retry_attempts.",
+        choices=("standard", "adaptive"),
     ),
     Option(
         "retry_backoff_s",
@@ -551,12 +602,40 @@ class SecretRedactingFilter(logging.Filter):
         super().__init__()
         self._replacements: dict[str, str] = {}
 
+    def clear(self) -> None:
+        """Forget every secret: a new run registers its own."""
+        self._replacements = {}
+
+    def add_credentials(self, access_key: str | None, secret_key: str | None, token: str | None) -> None:
+        """Mask a set of credentials: the secret and token entirely, the access key id as the console shows it."""
+        self.add(secret_key)
+        self.add(token)
+        self.add(access_key, mask_access_key(access_key))
+
+    @contextlib.contextmanager
+    def on_every_handler(self) -> Iterator[None]:
+        """Filter every log handler while a run is active (a notebook's, an application's), then step back.
+
+        Records of botocore's loggers reach handlers anywhere up their tree, so every logger's handlers get it.
+        """
+        loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values())]
+        handlers = {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers if self not in h.filters}
+        for handler in handlers:
+            handler.addFilter(self)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.removeFilter(self)
+
     def add(self, secret: str | None, shown_as: str = "****") -> None:
         if secret and len(secret) >= 4:
-            self._replacements[secret] = shown_as
+            replacements = dict(self._replacements)  # replaced whole: handlers on other threads read it
+            replacements[secret] = shown_as
             # Also as presigned URLs and canonical query strings write it (session tokens hold '/', '+', '=').
             for safe in ("", "-_.~"):
-                self._replacements[urllib.parse.quote(secret, safe=safe)] = shown_as
+                replacements[urllib.parse.quote(secret, safe=safe)] = shown_as
+            self._replacements = replacements
 
     def redact(self, text: str) -> str:
         for secret, shown in self._replacements.items():
@@ -578,10 +657,6 @@ class SecretRedactingFilter(logging.Filter):
         return True
 
 
-#: One filter for the process: the CLI installs it on its handlers, runs register their secrets with it.
-REDACTOR = SecretRedactingFilter()
-
-
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """Explicit credentials from the caller; all None means boto3's default chain."""
@@ -594,16 +669,15 @@ class Credentials:
         return f"Credentials(access_key={mask_access_key(self.access_key)!r})"
 
 
-def make_session(config: Config, credentials: Credentials) -> Any:
-    """A boto3 session: explicit keys, else the profile, else boto3's default chain."""
+def make_session(config: Config, credentials: Credentials, redactor: SecretRedactingFilter) -> Any:
+    """A boto3 session: explicit keys, else the profile, else boto3's default chain; ``redactor`` learns the
+    secrets, whichever way they came."""
     import boto3
     import botocore.exceptions
 
     if bool(credentials.access_key) != bool(credentials.secret_key):
         raise CredentialsError("give both an access key and a secret key, or neither")
-    REDACTOR.add(credentials.secret_key)
-    REDACTOR.add(credentials.session_token)
-    REDACTOR.add(credentials.access_key, mask_access_key(credentials.access_key))
+    redactor.add_credentials(credentials.access_key, credentials.secret_key, credentials.session_token)
     try:
         if credentials.access_key:
             session = boto3.Session(
@@ -617,11 +691,11 @@ def make_session(config: Config, credentials: Credentials) -> Any:
     except botocore.exceptions.ProfileNotFound:
         raise ConfigError(f"AWS profile '{config.profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
     if not config.no_sign_request:  # anonymous runs never resolve credentials (no IMDS wait on a laptop)
-        _redact_resolved_credentials(session)
+        _redact_resolved_credentials(session, redactor)
     return session
 
 
-def _redact_resolved_credentials(session: Any) -> None:
+def _redact_resolved_credentials(session: Any, redactor: SecretRedactingFilter) -> None:
     """Register the credentials boto3 resolved (environment, profile, role) too: botocore's debug log prints them."""
     try:
         resolved = session.get_credentials()
@@ -629,9 +703,7 @@ def _redact_resolved_credentials(session: Any) -> None:
     except Exception:  # no or broken credentials: the run reports that when it first needs them
         return
     if frozen is not None:
-        REDACTOR.add(frozen.secret_key)
-        REDACTOR.add(frozen.token)
-        REDACTOR.add(frozen.access_key, mask_access_key(frozen.access_key))
+        redactor.add_credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 def resolve_endpoint_url(config: Config) -> str | None:
@@ -650,7 +722,8 @@ def make_client(session: Any, config: Config, region: str | None = None) -> Any:
         addressing = "path" if endpoint_url else "auto"
     boto_config = BotoConfig(
         max_pool_connections=2 * config.parallel_downloads + 4,
-        retries={"mode": config.retry_mode, "max_attempts": config.retry_attempts + 1},
+        # The run retries every request itself (the Retries section); botocore retrying too would multiply them.
+        retries={"mode": config.retry_mode, "total_max_attempts": 1},
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.read_timeout_s,
         s3={"addressing_style": addressing},
@@ -732,20 +805,145 @@ def credentials_problem(exc: BaseException) -> str | None:
 class S3Error(Exception):
     """An error response from the store for one request."""
 
-    def __init__(self, status: int, code: str, message: str = "") -> None:
+    def __init__(self, status: int, code: str, message: str = "", region: str = "") -> None:
         super().__init__(f"{code or status}: {message}" if message else (code or str(status)))
         self.status = status
         self.code = code
+        #: The bucket's region, when the answer names one (a 301 or a HEAD's x-amz-bucket-region).
+        self.region = region
 
 
 class ObjectChanged(Exception):
     """If-Match failed: the object was replaced after we listed it."""
 
 
+def is_denied(status: int, code: str) -> bool:
+    """The one test for "not allowed". A HEAD answer has no body, so a bare 403 says it all; a 403 with another
+    code is something else (InvalidObjectState: archived; RequestTimeTooSkewed: the clock; a credentials code)."""
+    return code in ("AccessDenied", "Forbidden", "AllAccessDisabled") or (status == 403 and code in ("", "403"))
+
+
+def is_missing(status: int, code: str) -> bool:
+    """The one test for "no such bucket, key or version"."""
+    return status == 404 or code in ("404", "NotFound", "NoSuchBucket", "NoSuchKey", "NoSuchVersion")
+
+
 def part_number_gone(exc: S3Error) -> bool:
     """A HEAD ?partNumber=N refused because the object now has fewer parts: it was replaced (InvalidPartNumber;
     a HEAD answer has no body, so only its status says so)."""
     return exc.status in (400, 416) or exc.code == "InvalidPartNumber"
+
+
+# -- the request seam: one place builds a request, one reads its answer -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRequest:
+    """A GET or HEAD of one object as every engine sends it: unencoded query pairs and lower-cased headers."""
+
+    query: tuple[tuple[str, str], ...]
+    headers: Mapping[str, str]
+
+
+def object_request(
+    obj: S3Object,
+    *,
+    byte_range: tuple[int, int] | None = None,
+    if_match: str | None = None,
+    checksum_mode: bool = False,
+    part_number: int | None = None,
+    request_payer: str | None = None,
+) -> ObjectRequest:
+    """The one place a GET or HEAD is built: Range, If-Match, checksum mode, request payer, version id."""
+    query: list[tuple[str, str]] = []
+    if part_number is not None:
+        query.append(("partNumber", str(part_number)))
+    if obj.version_id:
+        query.append(("versionId", obj.version_id))
+    headers: dict[str, str] = {}
+    if byte_range is not None:
+        headers["range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+    if if_match:
+        headers["if-match"] = f'"{if_match}"'
+    if checksum_mode:
+        headers["x-amz-checksum-mode"] = "ENABLED"
+    if request_payer:
+        headers["x-amz-request-payer"] = request_payer
+    return ObjectRequest(tuple(query), headers)
+
+
+#: botocore's parameter for each query pair and header of an ObjectRequest.
+_BOTO3_PARAMS = {
+    "partNumber": "PartNumber",
+    "versionId": "VersionId",
+    "range": "Range",
+    "if-match": "IfMatch",
+    "x-amz-checksum-mode": "ChecksumMode",
+    "x-amz-request-payer": "RequestPayer",
+}
+
+
+def boto3_params(obj: S3Object, request: ObjectRequest) -> dict[str, Any]:
+    """An ObjectRequest as keyword arguments of botocore's get_object/head_object."""
+    params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
+    for name, value in (*request.query, *request.headers.items()):
+        params[_BOTO3_PARAMS[name]] = int(value) if name == "partNumber" else value
+    return params
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a response means for the request that got it."""
+
+    kind: str  #: "ok", "redirect", "changed", "denied", "missing", "retry" or "error"
+    error: Exception | None = None  #: what the caller raises when it does not follow the answer
+    region: str = ""  #: a region redirect: the bucket's region
+    location: str = ""  #: a 307: where to ask instead
+
+
+#: Error codes that say "ask again elsewhere": a wrong region, or a temporary redirect.
+REDIRECT_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "TemporaryRedirect"})
+
+
+def classify_response(
+    status: int, headers: Mapping[str, str], code: str = "", message: str = "", region: str = "", what: str = ""
+) -> Answer:
+    """The one place a status and S3 error code are read, for every engine and the small-object loop.
+
+    ``code``, ``message`` and ``region`` come from the error body (parse_s3_error); ``what`` names the key or
+    bucket for an ObjectChanged.
+    """
+    if status in (200, 206):
+        return Answer("ok")
+    if status == 412 or code == "PreconditionFailed":
+        return Answer("changed", ObjectChanged(what))
+    region = headers.get("x-amz-bucket-region") or region
+    error = S3Error(status, code or str(status), message, region)
+    if status == 307 or code == "TemporaryRedirect":
+        return Answer("redirect", error, location=headers.get("location", ""))
+    if status == 301 or code in REDIRECT_CODES:
+        return Answer("redirect", error, region=region)
+    if is_denied(status, code):
+        return Answer("denied", error)
+    if is_missing(status, code):
+        return Answer("missing", error)
+    return Answer("retry" if is_retryable(error) else "error", error)
+
+
+def parse_s3_error(body: bytes) -> tuple[str, str, str]:
+    """(Code, Message, Region) from an S3 XML error body; empty strings where absent (HEAD, empty bodies)."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return "", "", ""
+
+    def text(tag: str) -> str:
+        element = root.find(tag)
+        return (element.text or "") if element is not None else ""
+
+    return text("Code"), text("Message"), text("Region")
 
 
 class Response(Protocol):
@@ -759,114 +957,48 @@ class Response(Protocol):
 
 
 class Engine(Protocol):
-    """Makes the data-plane requests for one run; raises S3Error for an error response."""
+    """Sends single requests for one run and raises S3Error (or ObjectChanged) for an error answer.
 
-    def get(
-        self,
-        obj: S3Object,
-        byte_range: tuple[int, int] | None = None,
-        if_match: str | None = None,
-        checksum_mode: bool = False,
-    ) -> Response: ...
+    Engines never retry: the run's retry policy (the Retries section) wraps every request it makes once.
+    """
 
-    def part_size(self, obj: S3Object, part_number: int) -> int: ...
+    #: Whether the small-object event loop can fetch through this engine (it speaks HTTP itself).
+    supports_small_loop: bool
+    #: Requests go unsigned (--no-sign-request): a 403 then means "not public".
+    anonymous: bool
 
-    def head(self, obj: S3Object) -> S3Object: ...
+    def get(self, obj: S3Object, request: ObjectRequest) -> Response: ...
+
+    def head(self, obj: S3Object, request: ObjectRequest) -> Mapping[str, str]:
+        """The lower-cased headers of a HEAD of the object (or of one part, with part_number)."""
+        ...
+
+    def head_bucket(self, bucket: str) -> str | None:
+        """HEAD the bucket; returns its region when the answer tells it."""
+        ...
+
+    def list_page(
+        self, bucket: str, prefix: str, token: str | None, max_keys: int | None = None
+    ) -> tuple[list[S3Object], str | None]:
+        """One ListObjectsV2 page: its objects (folder markers left out) and the next continuation token."""
+        ...
 
     def set_bucket_region(self, bucket: str, region: str | None) -> None: ...
 
-    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]: ...
+    def small_loop(
+        self,
+        config: Config,
+        stop: threading.Event,
+        deliver: Callable[[Planned, Mapping[str, str], bytes], None],
+        fallback: Callable[[Planned, BaseException | None], None],
+        interrupted: Callable[[Planned], None],
+    ) -> SmallObjectLoop | None:
+        """The event loop for small objects over this engine's addressing and signing, where it has one."""
+        ...
 
     def abort(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _Boto3Body:
-    """A botocore StreamingBody seen through the Response protocol."""
-
-    def __init__(self, response: dict[str, Any]) -> None:
-        self.headers = response["ResponseMetadata"]["HTTPHeaders"]
-        self._body = response["Body"]
-
-    def read(self, amount: int) -> bytes:
-        return self._body.read(amount)
-
-    def close(self) -> None:
-        self._body.close()
-
-
-class Boto3Engine:
-    """Data-plane requests through the shared boto3 client: correct everywhere boto3 is, at ~2 ms CPU a GET."""
-
-    def __init__(self, client: Any, request_payer: str | None = None) -> None:
-        self.client = client
-        self._extra = {"RequestPayer": request_payer} if request_payer else {}
-
-    def _call(self, operation: Callable[..., Any], **params: Any) -> Any:
-        import botocore.exceptions
-
-        try:
-            return operation(**params, **self._extra)
-        except botocore.exceptions.ClientError as exc:
-            status, code = error_code(exc)
-            if status == 412 or code == "PreconditionFailed":
-                raise ObjectChanged(params.get("Key", "")) from None
-            message = exc.response.get("Error", {}).get("Message", "")
-            raise S3Error(status, code, message) from None
-
-    def get(
-        self,
-        obj: S3Object,
-        byte_range: tuple[int, int] | None = None,
-        if_match: str | None = None,
-        checksum_mode: bool = False,
-    ) -> Response:
-        params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
-        if byte_range is not None:
-            params["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
-        if if_match:
-            params["IfMatch"] = f'"{if_match}"'
-        if obj.version_id:
-            params["VersionId"] = obj.version_id
-        if checksum_mode:
-            params["ChecksumMode"] = "ENABLED"
-        return _Boto3Body(self._call(self.client.get_object, **params))
-
-    def part_size(self, obj: S3Object, part_number: int) -> int:
-        params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "PartNumber": part_number}
-        if obj.version_id:
-            params["VersionId"] = obj.version_id
-        try:
-            return int(self._call(self.client.head_object, **params)["ContentLength"])
-        except S3Error as exc:
-            if part_number_gone(exc):
-                raise ObjectChanged(obj.key) from None
-            raise
-
-    def head(self, obj: S3Object) -> S3Object:
-        params: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
-        if obj.version_id:
-            params["VersionId"] = obj.version_id
-        response = self._call(self.client.head_object, **params)
-        return dataclasses.replace(
-            obj,
-            size=int(response["ContentLength"]),
-            etag=str(response.get("ETag", "")).strip('"'),
-            last_modified=response["LastModified"].timestamp(),
-        )
-
-    def set_bucket_region(self, bucket: str, region: str | None) -> None:
-        pass  # botocore follows region redirects itself
-
-    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
-        return iter_object_pages(self.client, bucket, [prefix], self._extra.get("RequestPayer"))
-
-    def abort(self) -> None:
-        pass  # urllib3's sockets are not ours to shut: a stalled read waits for read_timeout_s
-
-    def close(self) -> None:
-        pass
 
 
 #: SHA-256 of an empty body: the payload hash botocore signs for every GET.
@@ -1220,10 +1352,13 @@ class HttpEngine:
     path-style custom endpoint are probed and addressed here, saving its ~0.06 s at start-up.
     """
 
+    supports_small_loop = True
+
     def __init__(self, session: Any, clients: SharedClient, config: Config) -> None:
         self.session = session
         self.clients = clients
         self.config = config
+        self.anonymous = config.no_sign_request
         self._regional_clients: dict[str, Any] = {}
         credentials = None if config.no_sign_request else session.get_credentials()
         if credentials is None and not config.no_sign_request:  # never fall back to unsigned requests
@@ -1280,25 +1415,9 @@ class HttpEngine:
             self._addresses[bucket] = address
             return address
 
-    def probe_bucket(self, bucket: str) -> tuple[str | None, BucketProblem | None]:
-        """probe_bucket's checks through this engine: a HEAD, and after a bare 403 a zero-key listing, whose
-        error body tells a wrong key from a denied bucket."""
-        import http.client
-
-        anonymous = self.config.no_sign_request
-        try:
-            try:
-                self._read_small(bucket, [], method="HEAD")
-            except S3Error as exc:
-                if not (exc.status == 403 or exc.code in ("403", "AccessDenied", "Forbidden")):
-                    return None, bucket_problem(bucket, exc, anonymous)
-                try:
-                    self._read_small(bucket, [("list-type", "2"), ("max-keys", "0")])
-                except S3Error as list_exc:
-                    return None, bucket_problem(bucket, list_exc, anonymous, denied=True)
-        except (OSError, http.client.HTTPException) as exc:
-            raise DownloaderError(f"cannot reach S3 for bucket '{bucket}': {exc}") from None
-        return self._regions.get(bucket), None
+    def head_bucket(self, bucket: str) -> str | None:
+        self._bucket_request(bucket, [], method="HEAD")
+        return self._regions.get(bucket)
 
     def _regional_client(self, region: str) -> Any:
         client = self._regional_clients.get(region)
@@ -1362,61 +1481,48 @@ class HttpEngine:
 
     # -- requests -------------------------------------------------------------------------------------------
 
-    def get(
-        self,
-        obj: S3Object,
-        byte_range: tuple[int, int] | None = None,
-        if_match: str | None = None,
-        checksum_mode: bool = False,
-    ) -> Response:
-        headers: dict[str, str] = {}
-        if byte_range is not None:
-            headers["range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
-        if if_match:
-            headers["if-match"] = f'"{if_match}"'
-        if checksum_mode:
-            headers["x-amz-checksum-mode"] = "ENABLED"
-        query = [("versionId", obj.version_id)] if obj.version_id else []
-        connection, response = self._open(obj.bucket, obj.key, query, headers)
+    def get(self, obj: S3Object, request: ObjectRequest) -> Response:
+        connection, response = self._open(obj.bucket, obj.key, list(request.query), dict(request.headers))
         return _HttpBody(self, connection, response)
 
-    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
-        """ListObjectsV2 pages parsed with ElementTree: ~10x less CPU per key than botocore's parser, whose
-        dateutil timestamp parsing alone cost ~0.35 ms per object."""
-        token: str | None = None
-        while True:
-            query = [("list-type", "2"), ("encoding-type", "url")]
-            if prefix:
-                query.append(("prefix", prefix))
-            if token:
-                query.append(("continuation-token", token))
-            body = self._read_small(bucket, query)
-            objects, token = parse_list_objects_v2(bucket, body)
-            if objects:
-                yield objects
-            if not token:
-                return
+    def head(self, obj: S3Object, request: ObjectRequest) -> Mapping[str, str]:
+        connection, response = self._open(obj.bucket, obj.key, list(request.query), dict(request.headers), "HEAD")
+        if response.will_close:
+            self.drop_connection(connection)
+        return response.headers
 
-    def _read_small(self, bucket: str, query: list[tuple[str, str]], method: str = "GET") -> bytes:
-        """A small GET (a listing page) or HEAD on the bucket, retried like botocore would on transient faults."""
-        attempt = 0
-        while True:
-            try:
-                connection, response = self._open(bucket, None, query, {}, method=method)
-                try:
-                    body = response.read()
-                finally:
-                    if response.will_close or not response.isclosed():
-                        self.drop_connection(connection)
-                return body
-            except Exception as exc:
-                attempt += 1
-                if not is_retryable(exc) or attempt > self.config.retry_attempts:
-                    raise
-                delay = backoff_delay(attempt - 1, self.config.retry_backoff_s)
-                what = "listing of" if method == "GET" else "request on"
-                log.info("Retrying %s %s (attempt %d) after %s; waiting %.2fs", what, bucket, attempt + 1, exc, delay)
-                time.sleep(delay)
+    def list_page(
+        self, bucket: str, prefix: str, token: str | None, max_keys: int | None = None
+    ) -> tuple[list[S3Object], str | None]:
+        """A ListObjectsV2 page parsed with ElementTree: ~10x less CPU per key than botocore's parser, whose
+        dateutil timestamp parsing alone cost ~0.35 ms per object."""
+        query = [("list-type", "2"), ("encoding-type", "url")]
+        if prefix:
+            query.append(("prefix", prefix))
+        if token:
+            query.append(("continuation-token", token))
+        if max_keys is not None:
+            query.append(("max-keys", str(max_keys)))
+        return parse_list_objects_v2(bucket, self._bucket_request(bucket, query))
+
+    def small_loop(
+        self,
+        config: Config,
+        stop: threading.Event,
+        deliver: Callable[[Planned, Mapping[str, str], bytes], None],
+        fallback: Callable[[Planned, BaseException | None], None],
+        interrupted: Callable[[Planned], None],
+    ) -> SmallObjectLoop:
+        return SmallObjectLoop(self, config, stop, deliver, fallback, interrupted)
+
+    def _bucket_request(self, bucket: str, query: list[tuple[str, str]], method: str = "GET") -> bytes:
+        """One request on the bucket itself (a listing page, a HEAD); returns the whole body."""
+        connection, response = self._open(bucket, None, query, {}, method=method)
+        try:
+            return response.read()
+        finally:
+            if response.will_close or not response.isclosed():
+                self.drop_connection(connection)
 
     def _open(
         self,
@@ -1428,50 +1534,60 @@ class HttpEngine:
     ) -> tuple[Any, Any]:
         """Send a signed GET (or HEAD) for a key, or the bucket itself when key is None; return a 2xx response.
 
-        Follows region redirects (301, or 400 with the right region) and 307s; raises ObjectChanged on 412 and
-        S3Error on any other error response.
+        Follows region redirects (301, or 400 with the right region) and 307s; raises what classify_response
+        says for any other answer.
         """
-        import http.client
-
         for _hop in range(3):  # a region redirect or a 307 costs one more request each
             address = self.address(bucket)
-            path, target = request_target(address, key, query)
-            connection, reused = self._connection(address)
-            try:
-                response = self._send(connection, address, path, target, query, headers, method)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused:
-                    raise
-                # The server closed an idle keep-alive connection: retry at once on a fresh one (not a fault).
-                connection, _ = self._connection(address)
-                response = self._send(connection, address, path, target, query, headers, method)
+            connection, response = self._exchange(address, key, query, headers, method)
             if response.status in (200, 206):
                 return connection, response
-            try:
-                body = response.read() if response._remaining is not None else response.read(64 * 1024)
-            except (OSError, ValueError):
-                body = b""
-            response_headers = response.headers
-            if response.will_close or not response.isclosed():
-                self.drop_connection(connection)
-            code, message, region = _parse_s3_error(body)
-            if response.status == 412:
-                raise ObjectChanged(key or bucket)
-            new_region = response_headers.get("x-amz-bucket-region") or region
-            redirected = response.status == 301 or code in ("PermanentRedirect", "AuthorizationHeaderMalformed")
-            if redirected and new_region and new_region != address.region:
-                log.debug("Bucket %s is in region %s; re-addressing", bucket, new_region)
-                self.set_bucket_region(bucket, new_region)
-                continue
-            if response.status == 307 and response_headers.get("location"):
-                location = urllib.parse.urlsplit(response_headers["location"])
+            answer = self._answer(connection, response, key or bucket)
+            if answer.kind == "redirect" and answer.region and answer.region != address.region:
+                log.debug("Bucket %s is in region %s; re-addressing", bucket, answer.region)
+                self.set_bucket_region(bucket, answer.region)
+            elif answer.kind == "redirect" and answer.location:
+                location = urllib.parse.urlsplit(answer.location)
                 with self._lock:
                     self._addresses[bucket] = dataclasses.replace(
                         address, scheme=location.scheme or address.scheme, host=location.netloc or address.host
                     )
-                continue
-            raise S3Error(response.status, code or str(response.status), message)
+            else:
+                raise answer.error or S3Error(response.status, str(response.status))
         raise S3Error(301, "PermanentRedirect", f"bucket '{bucket}' kept redirecting")
+
+    def _exchange(
+        self,
+        address: BucketAddress,
+        key: str | None,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        method: str,
+    ) -> tuple[Any, Any]:
+        """Sign and send one request and read its head; a keep-alive connection the server closed while idle is
+        replaced once at no cost (not a fault)."""
+        import http.client
+
+        path, target = request_target(address, key, query)
+        connection, reused = self._connection(address)
+        try:
+            return connection, self._send(connection, address, path, target, query, headers, method)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+        connection, _ = self._connection(address)
+        return connection, self._send(connection, address, path, target, query, headers, method)
+
+    def _answer(self, connection: Any, response: Any, what: str) -> Answer:
+        """Read an error answer's body (bounded) and classify it; the connection is dropped unless reusable."""
+        try:
+            body = response.read() if response._remaining is not None else response.read(64 * 1024)
+        except (OSError, ValueError):
+            body = b""
+        if response.will_close or not response.isclosed():
+            self.drop_connection(connection)
+        code, message, region = parse_s3_error(body)
+        return classify_response(response.status, response.headers, code, message, region, what)
 
     def _send(
         self,
@@ -1495,1107 +1611,12 @@ class HttpEngine:
         self, address: BucketAddress, method: str, path: str, query: list[tuple[str, str]], headers: dict[str, str]
     ) -> dict[str, str]:
         """The request's headers with the signature, Host and User-Agent added (``headers`` is not changed)."""
-        if self.config.request_payer:
+        if self.config.request_payer and "x-amz-request-payer" not in headers:
             headers = {**headers, "x-amz-request-payer": self.config.request_payer}
         request_headers = self.signer.sign(method, address.host, path, query, dict(headers), address.region)
         request_headers["host"] = address.host
         request_headers["user-agent"] = self._user_agent
         return request_headers
-
-    def _head(self, obj: S3Object, query: list[tuple[str, str]]) -> dict[str, str]:
-        if obj.version_id:
-            query = [*query, ("versionId", obj.version_id)]
-        connection, response = self._open(obj.bucket, obj.key, query, {}, method="HEAD")
-        if response.will_close:
-            self.drop_connection(connection)
-        return response.headers
-
-    def part_size(self, obj: S3Object, part_number: int) -> int:
-        """Content length of one upload part (HEAD ?partNumber=N), retried by the object's own loop only."""
-        try:
-            return int(self._head(obj, [("partNumber", str(part_number))])["content-length"])
-        except S3Error as exc:
-            if part_number_gone(exc):
-                raise ObjectChanged(obj.key) from None
-            raise
-
-    def head(self, obj: S3Object) -> S3Object:
-        headers = self._head(obj, [])
-        return dataclasses.replace(
-            obj,
-            size=int(headers["content-length"]),
-            etag=headers.get("etag", "").strip('"'),
-            last_modified=email.utils.parsedate_to_datetime(headers["last-modified"]).timestamp(),
-        )
-
-
-def make_engine(session: Any, clients: SharedClient, config: Config) -> Engine:
-    """The GET engine for a run: the fast one unless the config or an HTTP proxy asks for boto3's."""
-    choice = config.engine
-    if choice == "auto":
-        proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
-        choice = "boto3" if proxied else "http"
-    if choice == "http":
-        return HttpEngine(session, clients, config)
-    return Boto3Engine(clients.get(), config.request_payer)
-
-
-def parse_s3_timestamp(text: str) -> float:
-    """Seconds since the epoch from S3's ISO 8601 timestamps ('2026-11-26T07:32:03.000Z')."""
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        from botocore.utils import parse_timestamp
-
-        return parse_timestamp(text).timestamp()
-
-
-def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str | None]:
-    """One ListObjectsV2 page -> (objects, continuation token or None). Folder markers are not files.
-
-    Keys are URL-decoded when the server honoured encoding-type=url (as botocore does), which is how keys with
-    characters XML 1.0 cannot carry come back intact.
-    """
-    import xml.etree.ElementTree as ElementTree
-
-    root = ElementTree.fromstring(body)
-    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-    decode = root.findtext(f"{ns}EncodingType") == "url"
-    objects = []
-    for entry in root.iterfind(f"{ns}Contents"):
-        key = entry.findtext(f"{ns}Key") or ""
-        if decode:
-            key = urllib.parse.unquote_plus(key)
-        size = int(entry.findtext(f"{ns}Size") or 0)
-        if is_folder_marker(key, size):
-            continue
-        modified = entry.findtext(f"{ns}LastModified")
-        objects.append(
-            S3Object(
-                bucket=bucket,
-                key=key,
-                size=size,
-                etag=(entry.findtext(f"{ns}ETag") or "").strip('"'),
-                last_modified=parse_s3_timestamp(modified) if modified else 0.0,
-                storage_class=entry.findtext(f"{ns}StorageClass") or "STANDARD",
-            )
-        )
-    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
-    return objects, (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
-
-
-def _parse_s3_error(body: bytes) -> tuple[str, str, str]:
-    """(Code, Message, Region) from an S3 XML error body; empty strings where absent (HEAD, empty bodies)."""
-    import xml.etree.ElementTree as ElementTree
-
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        return "", "", ""
-
-    def text(tag: str) -> str:
-        element = root.find(tag)
-        return (element.text or "") if element is not None else ""
-
-    return text("Code"), text("Message"), text("Region")
-
-
-###############################################################################
-# Bucket discovery
-###############################################################################
-# With no buckets named we list the account's and probe each, so one denied bucket costs a warning, not the run.
-
-
-@dataclass(frozen=True, slots=True)
-class BucketProblem:
-    """A bucket we cannot download from, and why, in the user's words."""
-
-    bucket: str
-    reason: str
-
-
-def _is_anonymous(client: Any) -> bool:
-    from botocore import UNSIGNED
-
-    return client.meta.config.signature_version is UNSIGNED
-
-
-def bucket_problem(bucket: str, exc: BaseException, anonymous: bool, denied: bool = False) -> BucketProblem:
-    """What a failed request on ``bucket`` means, in the user's words; CredentialsError when the keys are at fault.
-
-    ``denied`` says a bare 403 was already seen (a HEAD has no error body to say more).
-    """
-    problem = credentials_problem(exc)
-    if problem:
-        raise CredentialsError(problem) from None
-    status, code = error_code(exc)
-    if not denied and (status == 404 or code in ("404", "NoSuchBucket", "NotFound")):
-        return BucketProblem(bucket, f"bucket '{bucket}' does not exist")
-    if denied or status == 403 or code in ("403", "AccessDenied", "Forbidden"):
-        reason = f"Access Denied for bucket '{bucket}'"
-        if anonymous:
-            reason += " (the request was anonymous: the bucket is not public; drop --no-sign-request)"
-        return BucketProblem(bucket, reason)
-    return BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
-
-
-def probe_bucket(client: Any, bucket: str) -> tuple[str | None, BucketProblem | None]:
-    """Check one bucket is readable; returns (its region, None) or (None, the problem)."""
-    import botocore.exceptions
-
-    try:
-        response = client.head_bucket(Bucket=bucket)
-        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        return headers.get("x-amz-bucket-region"), None
-    except botocore.exceptions.ClientError as exc:
-        problem = credentials_problem(exc)
-        if problem:
-            raise CredentialsError(problem) from None
-        status, code = error_code(exc)
-        if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
-            # A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403 (on AWS
-            # and SeaweedFS alike); a one-key listing's error body tells them apart.
-            try:
-                client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as list_exc:
-                return None, bucket_problem(bucket, list_exc, _is_anonymous(client), denied=True)
-            return None, None  # listing, which is what a download needs, is allowed
-        if status == 301 or code == "PermanentRedirect":
-            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            return headers.get("x-amz-bucket-region"), None
-        return None, bucket_problem(bucket, exc, _is_anonymous(client))
-    except botocore.exceptions.BotoCoreError as exc:
-        problem = credentials_problem(exc)
-        if problem:
-            raise CredentialsError(problem) from None
-        raise DownloaderError(f"cannot reach S3 for bucket '{bucket}': {exc}") from None
-
-
-def discover_buckets(
-    client: Any,
-    named: Sequence[str],
-    regions: dict[str, str] | None = None,
-    probe: Callable[[str], tuple[str | None, BucketProblem | None]] | None = None,
-) -> tuple[list[str], list[BucketProblem]]:
-    """The buckets to download from and the ones we cannot read; fills ``regions`` with each bucket's region.
-
-    Named buckets are probed as given (with ``probe`` when one is given, else through ``client``, which may
-    then be None); otherwise the account's buckets are listed and each is probed.
-    """
-    import botocore.exceptions
-
-    names = list(dict.fromkeys(named))
-    if not names:
-        try:
-            names = [entry["Name"] for entry in client.list_buckets().get("Buckets", [])]
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            problem = credentials_problem(exc)
-            if problem:
-                raise CredentialsError(problem) from None
-            status, code = error_code(exc)
-            if status == 403 or code == "AccessDenied":
-                raise NothingAccessibleError(
-                    "Access Denied for listing buckets; name the buckets to download with --buckets"
-                ) from None
-            raise DownloaderError(f"cannot list buckets: {exc}") from None
-    accessible: list[str] = []
-    problems: list[BucketProblem] = []
-    for name in names:
-        region, problem = probe(name) if probe is not None else probe_bucket(client, name)
-        if problem:
-            problems.append(problem)
-        else:
-            accessible.append(name)
-            if region and regions is not None:
-                regions[name] = region
-    return accessible, problems
-
-
-###############################################################################
-# Streaming listing
-###############################################################################
-# ListObjectsV2 pages feed the workers as they arrive, so the first download starts after the first page and
-# memory stays flat however large the bucket is.
-
-
-@dataclass(frozen=True, slots=True)
-class S3Object:
-    """One object as the listing (or a manifest) describes it; everything downstream keys off this."""
-
-    bucket: str
-    key: str
-    size: int
-    etag: str  #: without the surrounding quotes
-    last_modified: float  #: seconds since the epoch
-    storage_class: str = "STANDARD"
-    version_id: str | None = None
-
-
-def is_folder_marker(key: str, size: int) -> bool:
-    """A key ending in '/' with no data is a console-made "folder", not a file (one with data is reported)."""
-    return key.endswith("/") and size == 0
-
-
-def collapse_prefixes(prefixes: Iterable[str]) -> list[str]:
-    """Drop prefixes that another given prefix already covers, so no object is listed twice."""
-    unique = sorted(set(prefixes))
-    kept: list[str] = []
-    for prefix in unique:
-        if not any(prefix.startswith(outer) for outer in kept):
-            kept.append(prefix)
-    return kept or [""]
-
-
-def object_from_listing(bucket: str, entry: Mapping[str, Any]) -> S3Object:
-    modified = entry.get("LastModified")
-    return S3Object(
-        bucket=bucket,
-        key=entry["Key"],
-        size=int(entry.get("Size", 0)),
-        etag=str(entry.get("ETag", "")).strip('"'),
-        last_modified=modified.timestamp() if modified is not None else 0.0,
-        storage_class=entry.get("StorageClass") or "STANDARD",
-    )
-
-
-def iter_object_pages(
-    client: Any, bucket: str, prefixes: Sequence[str], request_payer: str | None = None
-) -> Iterator[list[S3Object]]:
-    """Yield the bucket's objects a page at a time; folder markers (keys ending in '/', no data) are not files."""
-    paginator = client.get_paginator("list_objects_v2")
-    extra = {"RequestPayer": request_payer} if request_payer else {}
-    for prefix in collapse_prefixes(prefixes):
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **extra):
-            objects = [
-                object_from_listing(bucket, entry)
-                for entry in page.get("Contents", [])
-                if not is_folder_marker(entry["Key"], int(entry.get("Size", 0)))
-            ]
-            if objects:
-                yield objects
-
-
-###############################################################################
-# Filters
-###############################################################################
-# Pure functions: what to keep is decided from the listing alone, before any local or network I/O.
-
-#: Storage classes whose objects cannot be read without a restore request first.
-ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """The selection rules of a run, normalised once (lower-cased extensions, sizes in bytes)."""
-
-    extensions: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    min_size: int = 0
-    max_size: int | None = None
-    shard: tuple[int, int] | None = None
-
-    @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
-        extensions = tuple(
-            (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
-        )
-        return cls(
-            extensions=extensions,
-            include=config.include,
-            exclude=config.exclude,
-            min_size=int(config.min_file_size_mb * MiB),
-            max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
-            shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
-        )
-
-
-def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
-    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
-    index_text, _, count_text = text.partition("/")
-    if not count_text.isdecimal() or int(count_text) < 1:
-        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
-    count = int(count_text)
-    if index_text == "auto":
-        if not environ:  # validation time: 'auto' is resolved when the run starts
-            return (0, count)
-        for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
-            if environ.get(variable, "").isdecimal():
-                index_text = environ[variable]
-                if int(index_text) >= count:
-                    raise ConfigError(f"--shard {text}: {variable}={index_text} is not below N={count}")
-                break
-        else:
-            raise ConfigError(
-                "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
-            )
-    if not index_text.isdecimal() or int(index_text) >= count:
-        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
-    return int(index_text), count
-
-
-def shard_of(bucket: str, key: str, count: int) -> int:
-    """A stable shard number: the same on every machine and Python version (unlike hash())."""
-    digest = hashlib.blake2b(f"{bucket}/{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
-
-
-def filter_reason(obj: S3Object, filters: Filters) -> str | None:
-    """Why the object is left out of the selection, or None if it is selected."""
-    if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
-        return "other shard"
-    lowered = obj.key.lower()
-    if filters.extensions and not lowered.endswith(filters.extensions):
-        return "extension"
-    if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
-        return "not included"
-    if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
-        return "excluded"
-    if obj.size < filters.min_size:
-        return "smaller than min_file_size_mb"
-    if filters.max_size is not None and obj.size > filters.max_size:
-        return "larger than max_file_size_mb"
-    return None
-
-
-###############################################################################
-# Local-path plan
-###############################################################################
-# Object keys are untrusted input. One function decides whether a key can be stored, one whether an object
-# is skipped; nothing is ever written outside the download directory or through a symlink.
-
-
-class UnsafeKeyError(ValueError):
-    """The key cannot be stored under the download directory as it is."""
-
-
-#: Control characters (C0, DEL, C1): they could forge log lines and are refused in file names.
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
-NAME_MAX = 255
-#: What display_key escapes: the control characters, and the Unicode line/paragraph separators.
-_LINE_BREAKERS = {**_CONTROL, 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
-def display_key(key: str) -> str:
-    """A key made safe to print on one line: control characters (newlines included) shown as escapes."""
-    return key.translate(_LINE_BREAKERS)
-
-
-def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
-    """Where ``key`` is stored: ``<download_dir>/<bucket>/<key>``, or UnsafeKeyError with the reason."""
-    for name, value in (("bucket", bucket), ("key", key)):
-        if not value:
-            raise UnsafeKeyError(f"unsafe key: empty {name}")
-        if _CONTROL_RE.search(value):
-            raise UnsafeKeyError(f"unsafe key: control character in {name}")
-    if "/" in bucket or bucket in (".", ".."):
-        raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
-    if key.startswith("/"):
-        raise UnsafeKeyError("unsafe key: absolute path")
-    parts = key.split("/")
-    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafeKeyError(f"unsafe key: path component {part or '(empty)'!r}")
-        if any(sep in part for sep in separators):
-            raise UnsafeKeyError("unsafe key: path separator of this OS in a component")
-        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
-            raise UnsafeKeyError(f"unsafe key: path component longer than {NAME_MAX} bytes")
-    return download_dir.joinpath(bucket, *parts)
-
-
-def temp_path_for(target: Path, key: str) -> Path:
-    """The temporary file beside ``target``: hidden, stable across runs (so parts resume), and short.
-
-    Its name is derived from the key, not the file name, so a 255-byte file name still fits.
-    """
-    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return target.with_name(f".adl-{digest}.part")
-
-
-@dataclass(frozen=True, slots=True)
-class CompletedEntry:
-    """What the resume journal remembers of a finished object."""
-
-    etag: str
-    size: int
-    version_id: str | None = None
-    checksum: str | None = None  #: "md5:<hex>", "crc32:<b64>", ... or "unverifiable: <reason>"
-    path: str | None = None
-
-
-def skip_reason(
-    obj: S3Object, local: os.stat_result | None, done: CompletedEntry | None, overwrite: bool
-) -> str | None:
-    """Why the object need not be downloaded again, or None. The one place this is decided.
-
-    A journal entry with the same ETag and size proves the local file; without one, a file of the same size
-    that is not older than the object is taken as current (what ``aws s3 sync`` does).
-    """
-    if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
-        return None
-    if done is not None:
-        if done.etag == obj.etag and done.size == obj.size:
-            return "already downloaded"
-        return None  # the object changed since we downloaded it
-    if local.st_mtime + 1e-6 >= obj.last_modified:
-        return "exists locally (same size, not older)"
-    return None
-
-
-###############################################################################
-# Transfer
-###############################################################################
-# One object in, one result out: Transfer.download(obj, target) -> DownloadResult. It asks an Engine (above)
-# for bytes; swapping the engine changes nothing here.
-#
-# Small objects take one GET streamed to a temporary file. Multipart objects are fetched on their own part
-# boundaries in parallel, written in place with os.pwrite, each part recorded in the resume journal, so a re-run
-# fetches only what is missing; large single-part objects stream with a running MD5 and journal each boundary
-# they pass. Every GET carries If-Match with the listed ETag, so two versions are never stitched.
-#
-# With the http engine, the smallest objects (small_object_kb) skip the worker threads: SmallObjectLoop fetches
-# them on one thread over non-blocking connections and stores each whole body with Transfer.store_small. Any
-# outcome but a clean 200 goes back to Transfer.download as a first failed attempt.
-
-
-@dataclass(frozen=True, slots=True)
-class DownloadResult:
-    """The outcome of one object."""
-
-    obj: S3Object
-    status: str  #: "downloaded", "skipped", "failed" or "interrupted"
-    reason: str = ""  #: why skipped or failed, in the user's words
-    path: str | None = None
-    checksum: str | None = None
-    bytes_fetched: int = 0
-    attempts: int = 0
-
-
-class ChecksumMismatch(Exception):
-    """The bytes received do not match the object's ETag or checksum."""
-
-
-class DiskFull(Exception):
-    """ENOSPC while writing; the whole run stops."""
-
-
-class Interrupted(Exception):
-    """The run's stop event was set while this object was in flight."""
-
-
-#: S3 error codes worth another try: throttling and the server's own trouble.
-RETRYABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "503",
-        "500",
-    }
-)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """The one place that decides which failures another attempt may cure."""
-    import http.client
-
-    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError, http.client.HTTPException)):
-        return True
-    if isinstance(exc, S3Error):
-        return exc.status >= 500 or exc.status == 429 or exc.code in RETRYABLE_CODES
-    if isinstance(exc, (DiskFull, Interrupted, ObjectChanged, UnsafeKeyError)):
-        return False
-    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
-        return False  # a local path conflict (raised with errno None) is no network fault: retrying cannot cure it
-    try:
-        import botocore.exceptions
-        import urllib3.exceptions
-    except ImportError:  # pragma: no cover - both ship with boto3
-        return False
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.IncompleteReadError)):
-        return True
-    if isinstance(exc, (urllib3.exceptions.HTTPError,)):
-        return True
-    response_streaming = getattr(botocore.exceptions, "ResponseStreamingError", None)
-    if response_streaming is not None and isinstance(exc, response_streaming):
-        return True
-    return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The user's words for a final failure, grouped in the summary."""
-    if isinstance(exc, UnsafeKeyError):
-        return str(exc)
-    if isinstance(exc, ChecksumMismatch):
-        return "checksum mismatch"
-    if isinstance(exc, S3Error):
-        if exc.status == 403 or exc.code == "AccessDenied":
-            return "access denied"
-        if exc.status == 404 or exc.code in ("NoSuchKey", "NoSuchVersion"):
-            return "not found (deleted since listing)"
-        if exc.code == "InvalidObjectState":
-            return "archived (restore it first)"
-        return f"S3 error {exc.code or exc.status}"
-    if isinstance(exc, ObjectChanged):
-        return "object kept changing during download"
-    if isinstance(exc, DiskFull):
-        return "no space left on device"
-    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
-        return "path conflict: a file and a directory share this path"
-    if isinstance(exc, PermissionError):
-        return "permission denied writing the file"
-    if is_retryable(exc):
-        return f"network error: {type(exc).__name__}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def backoff_delay(attempt: int, base: float, cap: float = 20.0, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter (AWS's recommendation): uniform in [0, min(cap, base * 2**n)]."""
-    return (rng or random).uniform(0, min(cap, base * (2**attempt)))
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """A byte range of an object that is fetched, hashed and journaled as one unit."""
-
-    index: int  #: 0-based; S3's PartNumber is index + 1
-    start: int  #: first byte
-    end: int  #: last byte, inclusive (as in a Range header)
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start + 1
-
-
-def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
-    """Cut ``size`` bytes into parts: all of one size (the last shorter), or of the given sizes in order."""
-    sizes = [part_sizes] * max(1, math.ceil(size / part_sizes)) if isinstance(part_sizes, int) else list(part_sizes)
-    parts, start = [], 0
-    for index, part_size in enumerate(sizes):
-        end = min(size, start + part_size) - 1
-        if end < start:
-            break
-        parts.append(Part(index, start, end))
-        start = end + 1
-    if start != size:
-        raise ValueError(f"part sizes {sizes[:3]}... do not add up to the object size {size}")
-    return parts
-
-
-def _hash_file_prefix(path: Path, length: int, hasher: StreamHasher) -> None:
-    """Feed the first ``length`` bytes a previous run wrote into ``hasher``: the one read of those bytes."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        offset = 0
-        while offset < length:
-            chunk = os.pread(fd, min(MiB, length - offset), offset)
-            if not chunk:
-                raise ConnectionError("the partial file is shorter than its journal says")
-            hasher.update(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written; ENOSPC becomes DiskFull so the run can stop cleanly."""
-    view = memoryview(data)
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(str(exc)) from None
-        raise
-
-
-class Transfer:
-    """Moves one object from S3 to its final path; every retry, resume and verification decision is here."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        config: Config,
-        journal: ResumeJournal | None,
-        part_pool: ThreadPoolExecutor | None,
-        stop: threading.Event,
-        on_bytes: Callable[[int], None] = lambda n: None,
-        *,
-        root: Path,
-        pinned: bool = False,
-    ) -> None:
-        self.engine = engine
-        self.config = config
-        self.journal = journal
-        self.part_pool = part_pool
-        self.stop = stop
-        self.on_bytes = on_bytes
-        self._made_dirs: set[Path] = set()
-        #: Multipart objects whose parts are fetched on exact, per-part sizes after a mismatch.
-        self._exact_layout: set[tuple[str, str]] = set()
-        #: Encrypted multipart objects seen in this run (SSE-KMS/SSE-C), and why their ETag cannot verify them.
-        self._opaque_etags: dict[tuple[str, str], str] = {}
-        self._dirs_lock = threading.Lock()
-        #: The download directory: every directory below it is created by _ensure_parent, never through a link.
-        self.root = root
-        #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
-        self.pinned = pinned
-        #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
-        self._versions: dict[tuple[str, str], str] = {}
-
-    # -- the boundary ---------------------------------------------------------------------------------------
-
-    def download(self, obj: S3Object, target: Path, failed_attempt: BaseException | None = None) -> DownloadResult:
-        """Fetch ``obj`` into ``target``; never raises for a per-object problem (it becomes the result).
-
-        ``failed_attempt`` is how a first attempt made elsewhere (the small-object loop) failed: it is handled
-        here exactly as if this method's own first attempt had raised it, backoff and all.
-        """
-        if self.stop.is_set():  # queued before the run began stopping: do not start it
-            return DownloadResult(obj, "interrupted", "stopped")
-        attempts = 0
-        fetched = 0
-        changes = 0
-        while True:
-            attempts += 1
-            try:
-                if failed_attempt is not None:
-                    exc, failed_attempt = failed_attempt, None
-                    raise exc
-                self._ensure_parent(target)
-                checksum, fetched_now = self._fetch(obj, target)
-                fetched += fetched_now
-                obj = self._with_version(obj)
-                self._versions.pop((obj.bucket, obj.key), None)
-                return DownloadResult(obj, "downloaded", "", str(target), checksum, fetched, attempts)
-            except Interrupted:
-                return DownloadResult(obj, "interrupted", "stopped", None, None, fetched, attempts)
-            except DiskFull:
-                self.stop.set()
-                raise
-            except ObjectChanged:
-                changes += 1
-                self._discard_partial(obj, target)
-                if self.pinned:
-                    reason = "etag no longer matches the manifest"
-                    return DownloadResult(obj, "failed", reason, None, None, fetched, attempts)
-                if changes > self.config.retry_attempts:
-                    return DownloadResult(obj, "failed", failure_reason(ObjectChanged()), None, None, fetched, attempts)
-                try:
-                    obj = self.engine.head(obj)
-                except Exception as exc:  # deleted in between, denied, ...
-                    return DownloadResult(obj, "failed", failure_reason(exc), None, None, fetched, attempts)
-                log.info(
-                    "%s/%s changed since it was listed; fetching the new version", obj.bucket, display_key(obj.key)
-                )
-                attempts -= 1  # a new version is a fresh start, not a failed attempt
-            except Exception as exc:
-                if isinstance(exc, ChecksumMismatch):
-                    self._discard_partial(obj, target)
-                    if etag_kind(obj.etag) == "multipart":
-                        self._exact_layout.add((obj.bucket, obj.key))  # maybe uneven parts: ask each one next time
-                if self.stop.is_set():  # the stop shut its socket, or it failed while the run was ending
-                    return DownloadResult(obj, "interrupted", "stopped", None, None, fetched, attempts)
-                if not is_retryable(exc) or attempts > self.config.retry_attempts:
-                    reason = failure_reason(exc)
-                    log.debug(
-                        "%s/%s failed after %d attempt(s)", obj.bucket, display_key(obj.key), attempts, exc_info=True
-                    )
-                    return DownloadResult(obj, "failed", reason, None, None, fetched, attempts)
-                self._wait_before_retry(obj, attempts, exc)
-
-    def _note_version(self, obj: S3Object, headers: Mapping[str, str]) -> None:
-        version = headers.get("x-amz-version-id")
-        if version and version != "null" and not obj.version_id:
-            self._versions[(obj.bucket, obj.key)] = version
-
-    def _with_version(self, obj: S3Object) -> S3Object:
-        version = None if obj.version_id else self._versions.get((obj.bucket, obj.key))
-        return dataclasses.replace(obj, version_id=version) if version else obj
-
-    def _wait_before_retry(self, obj: S3Object, attempt: int, exc: BaseException) -> None:
-        delay = backoff_delay(attempt - 1, self.config.retry_backoff_s)
-        log.info(
-            "Retrying %s/%s (attempt %d of %d) after %s; waiting %.2fs",
-            obj.bucket,
-            display_key(obj.key),
-            attempt + 1,
-            self.config.retry_attempts + 1,
-            failure_reason(exc),
-            delay,
-        )
-        if self.stop.wait(delay):
-            raise Interrupted()
-
-    # -- local files ----------------------------------------------------------------------------------------
-
-    def _ensure_parent(self, target: Path) -> None:
-        """Create the target's directories, refusing any that is a symlink or a file (key vs key clash)."""
-        parent = target.parent
-        if parent in self._made_dirs:
-            return
-        root = self.root
-        relative = parent.relative_to(root)
-        current = root
-        for name in relative.parts:
-            current = current / name
-            try:
-                info = os.lstat(current)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(current)
-                except FileExistsError:
-                    pass  # another worker made it
-                info = os.lstat(current)
-            if stat.S_ISLNK(info.st_mode):
-                raise UnsafeKeyError("unsafe key: path goes through a symlink")
-            if not stat.S_ISDIR(info.st_mode):
-                raise NotADirectoryError(str(current))
-        with self._dirs_lock:
-            self._made_dirs.add(parent)
-
-    def _open_temp(self, temp: Path, keep: bool) -> int:
-        """Open the temporary file without following symlinks; ``keep`` reuses one a previous run left."""
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-        if not keep:
-            flags |= os.O_EXCL  # a leftover (or planted symlink) is removed and the create tried once more
-        try:
-            try:
-                return os.open(temp, flags, 0o644)
-            except FileExistsError:
-                os.unlink(temp)
-                return os.open(temp, flags, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(str(exc)) from None
-            raise
-
-    def _finish(self, obj: S3Object, temp: Path, target: Path) -> None:
-        """Give the file the object's mtime, then rename it into place: the only way a target appears."""
-        os.utime(temp, (obj.last_modified, obj.last_modified))
-        os.replace(temp, target)  # onto a directory this fails (EISDIR): a key vs key path conflict
-
-    def _discard_partial(self, obj: S3Object, target: Path) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_path_for(target, obj.key))
-        if self.journal is not None:
-            self.journal.drop_partial(obj)
-
-    # -- fetching -------------------------------------------------------------------------------------------
-
-    def _fetch(self, obj: S3Object, target: Path) -> tuple[str | None, int]:
-        verify = self.config.verify_checksums
-        if verify and etag_kind(obj.etag) == "multipart":
-            return self._fetch_parts(obj, target, self._original_parts(obj))
-        if obj.size >= self.config.multipart_threshold and not verify:
-            return self._fetch_parts(obj, target, plan_parts(obj.size, self.config.part_size))
-        return self._fetch_stream(obj, target)
-
-    def _original_parts(self, obj: S3Object) -> list[Part]:
-        """The object's upload parts, so per-part MD5s can rebuild its multipart ETag."""
-        count = int(obj.etag.rsplit("-", 1)[1])
-        if count == 1:
-            return plan_parts(obj.size, max(obj.size, 1))
-        first = self.engine.part_size(obj, 1)
-        # Uneven parts can have the count equal ones would (6+5+1 MiB and 6+6+0.x MiB are both 3): check the last,
-        # and after a mismatch ask every part (uneven middle parts are legal too, only rarer).
-        if (
-            (obj.bucket, obj.key) not in self._exact_layout
-            and first > 0
-            and math.ceil(obj.size / first) == count
-            and self.engine.part_size(obj, count) == obj.size - (count - 1) * first
-        ):
-            return plan_parts(obj.size, first)
-        # Parts of different sizes (allowed by S3): ask for each one.
-        return plan_parts(obj.size, [first] + [self.engine.part_size(obj, n) for n in range(2, count + 1)])
-
-    def _fetch_stream(self, obj: S3Object, target: Path) -> tuple[str | None, int]:
-        """One GET streamed to the temp file and hashed as it arrives; a body fault resumes with a Range.
-
-        A large object (>= multipart_threshold) journals each part boundary it passes and keeps its temp file
-        when the run stops, so a re-run hashes the bytes already on disk once and asks only for the rest.
-        """
-        temp = temp_path_for(target, obj.key)
-        parts, written = self._stream_resume_point(obj, temp)
-        fd = self._open_temp(temp, keep=written > 0)
-        fetched = 0
-        next_part = 0
-        layout = [part.size for part in parts]
-
-        def checkpoint(offset: int) -> None:
-            nonlocal next_part
-            while next_part < len(parts) and parts[next_part].end < offset:
-                if self.journal is not None:
-                    self.journal.record_part(obj, layout, next_part, "")
-                next_part += 1
-
-        try:
-            hasher: StreamHasher | None = None
-            if written:
-                hasher = choose_hasher(obj, {}, self.config.verify_checksums)
-                if hasher is not None:
-                    _hash_file_prefix(temp, written, hasher)
-                next_part = sum(1 for part in parts if part.end < written)
-                log.info(
-                    "Resuming %s/%s at byte %s of %s", obj.bucket, display_key(obj.key), f"{written:,}", f"{obj.size:,}"
-                )
-            attempt = 0
-            while True:
-                byte_range = (written, obj.size - 1) if written else None
-                try:
-                    response = self.engine.get(
-                        obj,
-                        byte_range,
-                        if_match=obj.etag or None,
-                        checksum_mode=self.config.verify_checksums and not written,
-                    )
-                    if hasher is None:
-                        hasher = choose_hasher(obj, response.headers, self.config.verify_checksums)
-                        self._note_version(obj, response.headers)
-                    try:
-                        written, got, fault = self._copy_body(
-                            response, fd, written, obj.size, hasher, checkpoint if parts else None
-                        )
-                        fetched += got
-                    finally:
-                        response.close()
-                    if fault is not None:
-                        raise fault
-                    if written != obj.size:
-                        raise ConnectionError(f"body ended at {written} of {obj.size} bytes")
-                    break
-                except (ObjectChanged, DiskFull, Interrupted):
-                    raise
-                except Exception as exc:
-                    attempt += 1
-                    if written == 0 or not is_retryable(exc) or attempt > self.config.retry_attempts:
-                        raise
-                    self._wait_before_retry(obj, attempt, exc)
-            checksum = hasher.verify() if hasher else None
-            os.close(fd)
-            fd = -1
-            self._finish(obj, temp, target)
-            if self.journal is not None:
-                self.journal.record_done(self._with_version(obj), checksum, str(target))
-            return checksum, fetched
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-                fd = -1
-            if not parts:  # small objects start over; large ones keep their bytes for the next attempt or run
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
-            raise
-
-    def store_small(self, obj: S3Object, target: Path, headers: Mapping[str, str], body: bytes) -> DownloadResult:
-        """Verify and store a whole body the small-object loop received; raises what the stream path would.
-
-        The same checksum choice, temp file, mtime, atomic rename and journal record as :meth:`_fetch_stream`,
-        minus the network: the loop hands any exception back to :meth:`download` as its first failed attempt.
-        """
-        if len(body) != obj.size:
-            raise ConnectionError(f"body ended at {len(body)} of {obj.size} bytes")
-        hasher = choose_hasher(obj, headers, self.config.verify_checksums)
-        checksum = None
-        if hasher is not None:
-            hasher.update(body)
-            checksum = hasher.verify()
-        self._ensure_parent(target)
-        temp = temp_path_for(target, obj.key)
-        fd = self._open_temp(temp, keep=False)
-        try:
-            try:
-                _pwrite_all(fd, body, 0)
-            finally:
-                os.close(fd)
-            self._finish(obj, temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        self.on_bytes(len(body))
-        self._note_version(obj, headers)
-        obj = self._with_version(obj)
-        self._versions.pop((obj.bucket, obj.key), None)
-        if self.journal is not None:
-            self.journal.record_done(obj, checksum, str(target))
-        return DownloadResult(obj, "downloaded", "", str(target), checksum, len(body), 1)
-
-    def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
-        """For a large object: its checkpoint parts and how many bytes a previous run left verified-in-order."""
-        if obj.size < self.config.multipart_threshold or self.journal is None:
-            return [], 0
-        parts = plan_parts(obj.size, self.config.part_size)
-        done = self.journal.partial_parts(obj, [part.size for part in parts])
-        contiguous = 0
-        while contiguous in done:
-            contiguous += 1
-        offset = parts[contiguous - 1].end + 1 if contiguous else 0
-        try:
-            info = os.lstat(temp)
-        except OSError:
-            info = None
-        if offset and (info is None or not stat.S_ISREG(info.st_mode) or info.st_size < offset):
-            offset = 0
-        if offset == 0:
-            self.journal.drop_partial(obj)
-        return parts, offset
-
-    def _copy_body(
-        self,
-        response: Response,
-        fd: int,
-        offset: int,
-        end: int,
-        hasher: StreamHasher | None,
-        checkpoint: Callable[[int], None] | None = None,
-    ) -> tuple[int, int, Exception | None]:
-        """Copy a response body to ``fd`` from ``offset``; returns (new offset, bytes read, the read error or None).
-
-        A read error is returned, not raised, so the caller still learns how far the body got and resumes the
-        next request from there.
-        """
-        chunk_size = self.config.chunk_size
-        got = 0
-        while offset < end:
-            if self.stop.is_set():
-                raise Interrupted()
-            try:
-                chunk = response.read(min(chunk_size, end - offset))
-            except Exception as exc:
-                return offset, got, exc
-            if not chunk:
-                break
-            _pwrite_all(fd, chunk, offset)
-            if hasher is not None:
-                hasher.update(chunk)
-            offset += len(chunk)
-            got += len(chunk)
-            self.on_bytes(len(chunk))
-            if checkpoint is not None:
-                checkpoint(offset)
-        return offset, got, None
-
-    def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part]) -> tuple[str | None, int]:
-        """Ranged GETs in parallel into a preallocated temp file; done parts survive a crash via the journal."""
-        temp = temp_path_for(target, obj.key)
-        layout = [part.size for part in parts]
-        verify = self.config.verify_checksums
-        done: dict[int, str] = {}
-        if self.journal is not None:
-            done = self.journal.partial_parts(obj, layout)
-            if verify:  # parts a --no-verify run fetched carry no MD5 to rebuild the ETag from
-                done = {index: digest for index, digest in done.items() if digest}
-        keep = bool(done) and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size
-        if not keep:
-            done = {}
-            if self.journal is not None:
-                self.journal.drop_partial(obj)
-        fd = self._open_temp(temp, keep=keep)
-        fetched = 0
-        try:
-            if not keep:
-                try:
-                    os.ftruncate(fd, obj.size)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                        raise DiskFull(str(exc)) from None
-                    raise
-            elif done:
-                log.info(
-                    "Resuming %s/%s: %d of %d parts already on disk",
-                    obj.bucket,
-                    display_key(obj.key),
-                    len(done),
-                    len(parts),
-                )
-            todo = [part for part in parts if part.index not in done]
-            if self.part_pool is not None and len(todo) > 1:
-                futures = [self.part_pool.submit(self._fetch_part, obj, fd, part, verify, layout) for part in todo]
-                error: BaseException | None = None
-                for part, future in zip(todo, futures, strict=True):
-                    try:
-                        digest, got = future.result()
-                        done[part.index] = digest
-                        fetched += got
-                    except CancelledError:
-                        pass
-                    except BaseException as exc:  # cancel parts not yet started; finished ones stay journaled
-                        if error is None or isinstance(exc, (ObjectChanged, DiskFull)):
-                            error = exc
-                        for pending in futures:
-                            pending.cancel()
-                if error is not None:
-                    raise error
-            else:
-                for part in todo:
-                    digest, got = self._fetch_part(obj, fd, part, verify, layout)
-                    done[part.index] = digest
-                    fetched += got
-            os.close(fd)
-            fd = -1
-            checksum = None
-            note = self._opaque_etags.pop((obj.bucket, obj.key), None)
-            if verify and note:  # an encrypted multipart object: its ETag is no MD5 of MD5s either
-                checksum = f"unverifiable: {note}"
-            elif verify:
-                digests = [bytes.fromhex(done[part.index]) for part in parts]
-                checksum = verify_multipart_etag(obj.etag, digests) if etag_kind(obj.etag) == "multipart" else None
-                if checksum is None and len(parts) == 1:
-                    checksum = verify_md5(obj.etag, digests[0])
-            self._finish(obj, temp, target)
-            if self.journal is not None:
-                self.journal.record_done(self._with_version(obj), checksum, str(target))
-            return checksum, fetched
-        finally:
-            if fd >= 0:
-                os.close(fd)
-
-    def _fetch_part(self, obj: S3Object, fd: int, part: Part, verify: bool, layout: list[int]) -> tuple[str, int]:
-        """One ranged GET (resumed within the part on a body fault), MD5'd as it streams, then journaled."""
-        hasher = hashlib.md5(usedforsecurity=False) if verify else None
-        offset = part.start
-        attempt = 0
-        fetched = 0
-        while True:
-            if self.stop.is_set():
-                raise Interrupted()
-            try:
-                response = self.engine.get(obj, (offset, part.end), if_match=obj.etag or None)
-                self._note_version(obj, response.headers)
-                note = encryption_note(response.headers) if verify else None
-                if note:
-                    self._opaque_etags[(obj.bucket, obj.key)] = note
-                try:
-                    offset, got, fault = self._copy_body(response, fd, offset, part.end + 1, _Md5Sink(hasher))
-                    fetched += got
-                finally:
-                    response.close()
-                if fault is not None:
-                    raise fault
-                if offset != part.end + 1:
-                    raise ConnectionError(f"part {part.index + 1} ended at byte {offset} of {part.end + 1}")
-                break
-            except (ObjectChanged, DiskFull, Interrupted):
-                raise
-            except Exception as exc:
-                attempt += 1
-                if not is_retryable(exc) or attempt > self.config.retry_attempts:
-                    raise
-                self._wait_before_retry(obj, attempt, exc)
-        digest = hasher.hexdigest() if hasher is not None else ""
-        if self.journal is not None:
-            self.journal.record_part(obj, layout, part.index, digest)
-        return digest, fetched
 
 
 class _LoopConnection:
@@ -2655,9 +1676,11 @@ class SmallObjectLoop:
     def __init__(
         self,
         engine: HttpEngine,
-        transfer: Transfer,
-        on_result: Callable[[DownloadResult], None],
+        config: Config,
+        stop: threading.Event,
+        deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         on_fallback: Callable[[Planned, BaseException | None], None],
+        on_interrupted: Callable[[Planned], None],
     ) -> None:
         import select
         import selectors
@@ -2665,11 +1688,14 @@ class SmallObjectLoop:
         import ssl
 
         self.engine = engine
-        self.transfer = transfer
-        self.config = transfer.config
-        self.stop = transfer.stop
-        self.on_result = on_result
+        self.config = config
+        self.stop = stop
+        #: Takes each clean 200 (headers and whole body) to be verified and stored; it never raises.
+        self.deliver = deliver
+        #: Takes an object the loop gives up on, with the failure (None: fetch it afresh, no attempt counted).
         self.on_fallback = on_fallback
+        #: Takes an object the loop ended because the run is stopping.
+        self.on_interrupted = on_interrupted
         self.connections = self.config.parallel_downloads
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
@@ -2809,10 +1835,8 @@ class SmallObjectLoop:
     def _request(self, planned: Planned, address: BucketAddress, connection: _LoopConnection) -> None:
         obj = planned.obj
         try:
-            headers = {"x-amz-checksum-mode": "ENABLED"} if self.config.verify_checksums else {}
-            if obj.etag:
-                headers["if-match"] = f'"{obj.etag}"'
-            query = [("versionId", obj.version_id)] if obj.version_id else []
+            get = object_request(obj, if_match=obj.etag or None, checksum_mode=self.config.verify_checksums)
+            query, headers = list(get.query), dict(get.headers)
             path, target = request_target(address, obj.key, query)
             request = request_bytes("GET", target, self.engine.signed_headers(address, "GET", path, query, headers))
         except Exception as exc:  # credentials that fail to refresh, an ETag that is not latin-1, ...
@@ -2984,23 +2008,13 @@ class SmallObjectLoop:
         return True
 
     def _complete(self, planned: Planned, status: int, headers: dict[str, str], body: bytes) -> None:
-        """A whole response: store a 200, or hand the object over with what went wrong."""
-        assert planned.target is not None
+        """A whole response: deliver a 200, or hand the object over with what went wrong."""
         if status == 200:
-            try:
-                result = self.transfer.store_small(planned.obj, planned.target, headers, body)
-            except Exception as exc:
-                self.on_fallback(planned, exc)
-                return
-            self.on_result(result)
+            self.deliver(planned, headers, body)
             return
-        code, message, _region = _parse_s3_error(body)
-        if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "TemporaryRedirect"):
-            self.on_fallback(planned, None)  # the engine follows redirects and remembers the bucket's region
-        elif status == 412:
-            self.on_fallback(planned, ObjectChanged(planned.obj.key))
-        else:
-            self.on_fallback(planned, S3Error(status, code or str(status), message))
+        answer = classify_response(status, headers, *parse_s3_error(body), what=planned.obj.key)
+        # The threads' engine follows redirects and remembers the bucket's region: hand those over unfailed.
+        self.on_fallback(planned, None if answer.kind == "redirect" else answer.error)
 
     def _broken(self, connection: _LoopConnection, exc: BaseException) -> None:
         """The connection failed. Before any answer on a reused connection, that is the server having closed it
@@ -3015,7 +2029,7 @@ class SmallObjectLoop:
         if planned is None:
             return
         if self.stop.is_set():
-            self.on_result(DownloadResult(planned.obj, "interrupted", "stopped"))
+            self.on_interrupted(planned)
         else:
             self.on_fallback(planned, exc)
 
@@ -3038,12 +2052,12 @@ class SmallObjectLoop:
             planned = connection.planned
             self._close(connection)
             if planned is not None:
-                self.on_result(DownloadResult(planned.obj, "interrupted", "stopped"))
+                self.on_interrupted(planned)
         for planned in self._connecting.values():
-            self.on_result(DownloadResult(planned.obj, "interrupted", "stopped"))
+            self.on_interrupted(planned)
         self._connecting.clear()
         while self._queue:
-            self.on_result(DownloadResult(self._queue.popleft().obj, "interrupted", "stopped"))
+            self.on_interrupted(self._queue.popleft())
 
     def _shutdown(self) -> None:
         with self._ready_lock:
@@ -3058,6 +2072,1272 @@ class SmallObjectLoop:
             if not future.cancelled() and future.exception() is None:
                 future.result().close()
         self._room.set()
+
+
+class _Boto3Body:
+    """A botocore StreamingBody seen through the Response protocol."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.headers = response["ResponseMetadata"]["HTTPHeaders"]
+        self._body = response["Body"]
+
+    def read(self, amount: int) -> bytes:
+        return self._body.read(amount)
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class Boto3Engine:
+    """The same requests through the shared boto3 client: correct everywhere boto3 is, at ~2 ms CPU a GET.
+
+    Its client retries nothing itself (total_max_attempts 1): the run's retry policy is the only one.
+    """
+
+    supports_small_loop = False
+
+    def __init__(self, client: Any, config: Config) -> None:
+        self.client = client
+        self.anonymous = config.no_sign_request
+        self._extra = {"RequestPayer": config.request_payer} if config.request_payer else {}
+
+    def _call(self, operation: Callable[..., Any], **params: Any) -> Any:
+        import botocore.exceptions
+
+        try:
+            return operation(**params)
+        except botocore.exceptions.ClientError as exc:
+            response = exc.response
+            error = response.get("Error", {})
+            status, code = error_code(exc)
+            headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            answer = classify_response(status, headers, code, error.get("Message", ""), "", params.get("Key", ""))
+            raise answer.error or S3Error(status, code) from None
+
+    def get(self, obj: S3Object, request: ObjectRequest) -> Response:
+        return _Boto3Body(self._call(self.client.get_object, **boto3_params(obj, request)))
+
+    def head(self, obj: S3Object, request: ObjectRequest) -> Mapping[str, str]:
+        return self._call(self.client.head_object, **boto3_params(obj, request))["ResponseMetadata"]["HTTPHeaders"]
+
+    def head_bucket(self, bucket: str) -> str | None:
+        response = self._call(self.client.head_bucket, Bucket=bucket)
+        return response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+
+    def list_page(
+        self, bucket: str, prefix: str, token: str | None, max_keys: int | None = None
+    ) -> tuple[list[S3Object], str | None]:
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **self._extra}
+        if token:
+            params["ContinuationToken"] = token
+        if max_keys is not None:
+            params["MaxKeys"] = max_keys
+        page = self._call(self.client.list_objects_v2, **params)
+        objects = [
+            object_from_listing(bucket, entry)
+            for entry in page.get("Contents", [])
+            if not is_folder_marker(entry["Key"], int(entry.get("Size", 0)))
+        ]
+        return objects, page.get("NextContinuationToken") if page.get("IsTruncated") else None
+
+    def set_bucket_region(self, bucket: str, region: str | None) -> None:
+        pass  # botocore follows region redirects itself
+
+    def small_loop(self, *args: Any) -> None:
+        return None  # the loop speaks HTTP itself; this engine's requests are botocore's
+
+    def abort(self) -> None:
+        pass  # urllib3's sockets are not ours to shut: a stalled read waits for read_timeout_s
+
+    def close(self) -> None:
+        pass
+
+
+def make_engine(session: Any, clients: SharedClient, config: Config) -> Engine:
+    """The GET engine for a run: the fast one unless the config or an HTTP proxy asks for boto3's."""
+    choice = config.engine
+    if choice == "auto":
+        proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+        choice = "boto3" if proxied else "http"
+    if choice == "http":
+        return HttpEngine(session, clients, config)
+    return Boto3Engine(clients.get(), config)
+
+
+def parse_s3_timestamp(text: str) -> float:
+    """Seconds since the epoch from S3's ISO 8601 timestamps ('2026-11-26T07:32:03.000Z')."""
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(text).timestamp()
+
+
+def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str | None]:
+    """One ListObjectsV2 page -> (objects, continuation token or None). Folder markers are not files.
+
+    Keys are URL-decoded when the server honoured encoding-type=url (as botocore does), which is how keys with
+    characters XML 1.0 cannot carry come back intact.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    decode = root.findtext(f"{ns}EncodingType") == "url"
+    objects = []
+    for entry in root.iterfind(f"{ns}Contents"):
+        key = entry.findtext(f"{ns}Key") or ""
+        if decode:
+            key = urllib.parse.unquote_plus(key)
+        size = int(entry.findtext(f"{ns}Size") or 0)
+        if is_folder_marker(key, size):
+            continue
+        modified = entry.findtext(f"{ns}LastModified")
+        objects.append(
+            S3Object(
+                bucket=bucket,
+                key=key,
+                size=size,
+                etag=(entry.findtext(f"{ns}ETag") or "").strip('"'),
+                last_modified=parse_s3_timestamp(modified) if modified else 0.0,
+                storage_class=entry.findtext(f"{ns}StorageClass") or "STANDARD",
+            )
+        )
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    return objects, (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
+
+
+###############################################################################
+# Retries
+###############################################################################
+# One policy for every request the run makes: engines send a request once, and the caller wraps it in an
+# Attempts. A transient fault (is_retryable) is retried at the level of the request it hit and nowhere else:
+# with retry_attempts N, a listing page, a HEAD, a bucket probe, a whole-object GET or one part's GET is tried
+# at most N+1 times (a resumed body counts as a try). botocore retries nothing itself. A checksum mismatch or an
+# object replaced mid-download is no request fault: Transfer.download starts that object over, at most N times.
+
+#: S3 error codes worth another try: throttling and the server's own trouble.
+RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "503",
+        "500",
+    }
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The one place that decides which failures another attempt may cure."""
+    import http.client
+
+    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError, http.client.HTTPException)):
+        return True
+    if isinstance(exc, S3Error):
+        return exc.status >= 500 or exc.status == 429 or exc.code in RETRYABLE_CODES
+    if isinstance(exc, (DiskFull, Interrupted, ObjectChanged, UnsafeKeyError)):
+        return False
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
+        return False  # a local path conflict (raised with errno None) is no network fault: retrying cannot cure it
+    try:
+        import botocore.exceptions
+        import urllib3.exceptions
+    except ImportError:  # pragma: no cover - both ship with boto3
+        return False
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.IncompleteReadError)):
+        return True
+    if isinstance(exc, (urllib3.exceptions.HTTPError,)):
+        return True
+    response_streaming = getattr(botocore.exceptions, "ResponseStreamingError", None)
+    if response_streaming is not None and isinstance(exc, response_streaming):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The user's words for a final failure, grouped in the summary."""
+    if isinstance(exc, UnsafeKeyError):
+        return str(exc)
+    if isinstance(exc, ChecksumMismatch):
+        return "checksum mismatch"
+    if isinstance(exc, S3Error):
+        if is_denied(exc.status, exc.code):
+            return "access denied"
+        if is_missing(exc.status, exc.code):
+            return "not found (deleted since listing)"
+        if exc.code == "InvalidObjectState":
+            return "archived (restore it first)"
+        return f"S3 error {exc.code or exc.status}"
+    if isinstance(exc, ObjectChanged):
+        return "object kept changing during download"
+    if isinstance(exc, DiskFull):
+        return "no space left on device"
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return "path conflict: a file and a directory share this path"
+    if isinstance(exc, PermissionError):
+        return "permission denied writing the file"
+    if is_retryable(exc):
+        return f"network error: {type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 20.0, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter (AWS's recommendation): uniform in [0, min(cap, base * 2**n)]."""
+    return (rng or random).uniform(0, min(cap, base * (2**attempt)))
+
+
+class Attempts:
+    """The tries of one request: a transient fault gets up to retry_attempts more, after a full-jitter backoff.
+
+    Each retry is logged at INFO with what was asked, the attempt, the reason and the wait; a stop during the
+    wait ends the request as Interrupted.
+    """
+
+    def __init__(self, what: str, config: Config, stop: threading.Event | None = None) -> None:
+        #: What the request is for, in the retry log line ("bucket/key", "listing of bucket").
+        self.what = what
+        self.limit = config.retry_attempts
+        self.backoff_s = config.retry_backoff_s
+        self.stop = stop
+        #: Failed tries so far.
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Return after the backoff when another try may cure ``exc``; otherwise raise it."""
+        if not self.another(exc):
+            raise exc
+
+    def another(self, exc: BaseException) -> bool:
+        """Count a failure: True after the backoff when another try may cure it, False when none is left."""
+        self.failures += 1
+        if self.failures > self.limit or not is_retryable(exc):
+            return False
+        delay = backoff_delay(self.failures - 1, self.backoff_s)
+        log.info(
+            "Retrying %s (attempt %d of %d) after %s; waiting %.2fs",
+            self.what,
+            self.failures + 1,
+            self.limit + 1,
+            failure_reason(exc),
+            delay,
+        )
+        if self.stop is None:
+            time.sleep(delay)
+        elif self.stop.wait(delay):
+            raise Interrupted()
+        return True
+
+    def call(self, request: Callable[[], T]) -> T:
+        """Make the request until it succeeds or fails for good."""
+        while True:
+            try:
+                return request()
+            except (ObjectChanged, DiskFull, Interrupted):
+                raise
+            except Exception as exc:
+                self.failed(exc)
+
+
+###############################################################################
+# Bucket discovery
+###############################################################################
+# With no buckets named we list the account's and probe each, so one denied bucket costs a warning, not the run.
+
+
+@dataclass(frozen=True, slots=True)
+class BucketProblem:
+    """A bucket we cannot download from, and why, in the user's words."""
+
+    bucket: str
+    reason: str
+
+
+def bucket_problem(bucket: str, exc: BaseException, anonymous: bool, denied: bool = False) -> BucketProblem:
+    """What a failed request on ``bucket`` means, in the user's words; CredentialsError when the keys are at fault.
+
+    ``denied`` says a bare 403 was already seen (a HEAD has no error body to say more).
+    """
+    problem = credentials_problem(exc)
+    if problem:
+        raise CredentialsError(problem) from None
+    status, code = error_code(exc)
+    if not denied and is_missing(status, code):
+        return BucketProblem(bucket, f"bucket '{bucket}' does not exist")
+    if denied or is_denied(status, code):
+        reason = f"Access Denied for bucket '{bucket}'"
+        if anonymous:
+            reason += " (the request was anonymous: the bucket is not public; drop --no-sign-request)"
+        return BucketProblem(bucket, reason)
+    return BucketProblem(bucket, f"bucket '{bucket}' cannot be read: {code or status}")
+
+
+def probe_bucket(
+    engine: Engine, bucket: str, attempts: Callable[[str], Attempts]
+) -> tuple[str | None, BucketProblem | None]:
+    """Check one bucket is readable; returns (its region if known, None) or (None, the problem).
+
+    A HEAD first. A HEAD answer has no body, so a wrong secret key and a denied bucket are the same bare 403
+    (on AWS and SeaweedFS alike); a zero-key listing's error body tells them apart, and a bucket that can be
+    listed, which is all a download needs, is readable.
+    """
+    try:
+        try:
+            return attempts(f"request on bucket {bucket}").call(lambda: engine.head_bucket(bucket)), None
+        except S3Error as exc:
+            if exc.status == 301 and exc.region:
+                return exc.region, None
+            if not is_denied(exc.status, exc.code):
+                return None, bucket_problem(bucket, exc, engine.anonymous)
+        try:
+            attempts(f"listing of {bucket}").call(lambda: engine.list_page(bucket, "", None, max_keys=0))
+        except S3Error as exc:
+            return None, bucket_problem(bucket, exc, engine.anonymous, denied=True)
+        return None, None
+    except (S3Error, DownloaderError, Interrupted):
+        raise
+    except Exception as exc:
+        raise unreachable(exc, f"cannot reach S3 for bucket '{bucket}'") from None
+
+
+def unreachable(exc: BaseException, what: str) -> Exception:
+    """The error for a request that failed for good without an answer: credentials, or the network."""
+    import botocore.exceptions
+
+    problem = credentials_problem(exc)
+    if problem:
+        return CredentialsError(problem)
+    if is_retryable(exc) or isinstance(exc, botocore.exceptions.BotoCoreError):
+        return DownloaderError(f"{what}: {exc}")
+    return exc  # a bug: let it show as one
+
+
+def account_buckets(client: Any, attempts: Callable[[str], Attempts]) -> list[str]:
+    """The account's buckets (ListBuckets), for a run that names none."""
+    import botocore.exceptions
+
+    try:
+        response = attempts("listing buckets").call(client.list_buckets)
+    except botocore.exceptions.ClientError as exc:
+        problem = credentials_problem(exc)
+        if problem:
+            raise CredentialsError(problem) from None
+        if is_denied(*error_code(exc)):
+            raise NothingAccessibleError(
+                "Access Denied for listing buckets; name the buckets to download with --buckets"
+            ) from None
+        raise DownloaderError(f"cannot list buckets: {exc}") from None
+    except (DownloaderError, Interrupted):
+        raise
+    except Exception as exc:
+        raise unreachable(exc, "cannot list buckets") from None
+    return [entry["Name"] for entry in response.get("Buckets", [])]
+
+
+def discover_buckets(
+    engine: Engine, names: Sequence[str], attempts: Callable[[str], Attempts]
+) -> tuple[list[str], list[BucketProblem]]:
+    """Probe each bucket once: the readable ones, and why the others cannot be read; regions learned on the way
+    are handed to the engine."""
+    accessible: list[str] = []
+    problems: list[BucketProblem] = []
+    for name in dict.fromkeys(names):
+        region, problem = probe_bucket(engine, name, attempts)
+        if problem:
+            problems.append(problem)
+        else:
+            accessible.append(name)
+            engine.set_bucket_region(name, region)
+    return accessible, problems
+
+
+###############################################################################
+# Streaming listing
+###############################################################################
+# ListObjectsV2 pages feed the workers as they arrive, so the first download starts after the first page and
+# memory stays flat however large the bucket is.
+
+
+@dataclass(frozen=True, slots=True)
+class S3Object:
+    """One object as the listing (or a manifest) describes it; everything downstream keys off this."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str  #: without the surrounding quotes
+    last_modified: float  #: seconds since the epoch
+    storage_class: str = "STANDARD"
+    version_id: str | None = None
+
+
+def is_folder_marker(key: str, size: int) -> bool:
+    """A key ending in '/' with no data is a console-made "folder", not a file (one with data is reported)."""
+    return key.endswith("/") and size == 0
+
+
+def collapse_prefixes(prefixes: Iterable[str]) -> list[str]:
+    """Drop prefixes that another given prefix already covers, so no object is listed twice."""
+    unique = sorted(set(prefixes))
+    kept: list[str] = []
+    for prefix in unique:
+        if not any(prefix.startswith(outer) for outer in kept):
+            kept.append(prefix)
+    return kept or [""]
+
+
+def object_from_listing(bucket: str, entry: Mapping[str, Any]) -> S3Object:
+    modified = entry.get("LastModified")
+    return S3Object(
+        bucket=bucket,
+        key=entry["Key"],
+        size=int(entry.get("Size", 0)),
+        etag=str(entry.get("ETag", "")).strip('"'),
+        last_modified=modified.timestamp() if modified is not None else 0.0,
+        storage_class=entry.get("StorageClass") or "STANDARD",
+    )
+
+
+def object_from_head(obj: S3Object, headers: Mapping[str, str]) -> S3Object:
+    """The object as a HEAD answer describes it now (a new version: size, ETag and date may all differ)."""
+    return dataclasses.replace(
+        obj,
+        size=int(headers["content-length"]),
+        etag=headers.get("etag", "").strip('"'),
+        last_modified=email.utils.parsedate_to_datetime(headers["last-modified"]).timestamp(),
+    )
+
+
+def list_pages(
+    engine: Engine, bucket: str, prefix: str, attempts: Callable[[str], Attempts]
+) -> Iterator[list[S3Object]]:
+    """The objects under a prefix, a page at a time; each page request gets its own tries."""
+    token: str | None = None
+    while True:
+        objects, token = attempts(f"listing of {bucket}").call(
+            lambda token=token: engine.list_page(bucket, prefix, token)  # type: ignore[misc]
+        )
+        if objects:
+            yield objects
+        if not token:
+            return
+
+
+###############################################################################
+# Filters
+###############################################################################
+# Pure functions: what to keep is decided from the listing alone, before any local or network I/O.
+
+#: Storage classes whose objects cannot be read without a restore request first.
+ARCHIVED_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """The selection rules of a run, normalised once (lower-cased extensions, sizes in bytes)."""
+
+    extensions: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_size: int = 0
+    max_size: int | None = None
+    shard: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
+        extensions = tuple(
+            (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
+        )
+        return cls(
+            extensions=extensions,
+            include=config.include,
+            exclude=config.exclude,
+            min_size=int(config.min_file_size_mb * MiB),
+            max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
+            shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
+        )
+
+
+def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
+    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
+    index_text, _, count_text = text.partition("/")
+    if not count_text.isdecimal() or int(count_text) < 1:
+        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
+    count = int(count_text)
+    if index_text == "auto":
+        if not environ:  # validation time: 'auto' is resolved when the run starts
+            return (0, count)
+        for variable in ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"):
+            if environ.get(variable, "").isdecimal():
+                index_text = environ[variable]
+                if int(index_text) >= count:
+                    raise ConfigError(f"--shard {text}: {variable}={index_text} is not below N={count}")
+                break
+        else:
+            raise ConfigError(
+                "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
+            )
+    if not index_text.isdecimal() or int(index_text) >= count:
+        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
+    return int(index_text), count
+
+
+def shard_of(bucket: str, key: str, count: int) -> int:
+    """A stable shard number: the same on every machine and Python version (unlike hash())."""
+    digest = hashlib.blake2b(f"{bucket}/{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def filter_reason(obj: S3Object, filters: Filters) -> str | None:
+    """Why the object is left out of the selection, or None if it is selected."""
+    if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
+        return "other shard"
+    lowered = obj.key.lower()
+    if filters.extensions and not lowered.endswith(filters.extensions):
+        return "extension"
+    if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
+        return "not included"
+    if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
+        return "excluded"
+    if obj.size < filters.min_size:
+        return "smaller than min_file_size_mb"
+    if filters.max_size is not None and obj.size > filters.max_size:
+        return "larger than max_file_size_mb"
+    return None
+
+
+###############################################################################
+# Local-path plan
+###############################################################################
+# Object keys are untrusted input. One function decides whether a key can be stored, one whether an object
+# is skipped; nothing is ever written outside the download directory or through a symlink.
+
+
+class UnsafeKeyError(ValueError):
+    """The key cannot be stored under the download directory as it is."""
+
+
+#: Control characters (C0, DEL, C1): they could forge log lines and are refused in file names.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+NAME_MAX = 255
+#: What display_key escapes: the control characters, and the Unicode line/paragraph separators.
+_LINE_BREAKERS = {**_CONTROL, 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def display_key(key: str) -> str:
+    """A key made safe to print on one line: control characters (newlines included) shown as escapes."""
+    return key.translate(_LINE_BREAKERS)
+
+
+def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
+    """Where ``key`` is stored: ``<download_dir>/<bucket>/<key>``, or UnsafeKeyError with the reason."""
+    for name, value in (("bucket", bucket), ("key", key)):
+        if not value:
+            raise UnsafeKeyError(f"unsafe key: empty {name}")
+        if _CONTROL_RE.search(value):
+            raise UnsafeKeyError(f"unsafe key: control character in {name}")
+    if "/" in bucket or bucket in (".", ".."):
+        raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
+    if key.startswith("/"):
+        raise UnsafeKeyError("unsafe key: absolute path")
+    parts = key.split("/")
+    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafeKeyError(f"unsafe key: path component {part or '(empty)'!r}")
+        if any(sep in part for sep in separators):
+            raise UnsafeKeyError("unsafe key: path separator of this OS in a component")
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise UnsafeKeyError(f"unsafe key: path component longer than {NAME_MAX} bytes")
+    return download_dir.joinpath(bucket, *parts)
+
+
+def temp_path_for(target: Path, key: str) -> Path:
+    """The temporary file beside ``target``: hidden, stable across runs (so parts resume), and short.
+
+    Its name is derived from the key, not the file name, so a 255-byte file name still fits.
+    """
+    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return target.with_name(f".adl-{digest}.part")
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedEntry:
+    """What the resume journal remembers of a finished object."""
+
+    etag: str
+    size: int
+    version_id: str | None = None
+    checksum: str | None = None  #: "md5:<hex>", "crc32:<b64>", ... or "unverifiable: <reason>"
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    """The outcome of one object."""
+
+    obj: S3Object
+    status: str  #: "downloaded", "skipped", "failed" or "interrupted"
+    reason: str = ""  #: why skipped or failed, in the user's words
+    path: str | None = None
+    checksum: str | None = None
+    bytes_fetched: int = 0
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """An object that passed the filters, with where it goes (or why it cannot go anywhere)."""
+
+    obj: S3Object
+    target: Path | None
+    result: DownloadResult | None  #: set when no transfer is needed (skipped, unsafe, archived)
+
+
+def skip_reason(
+    obj: S3Object, local: os.stat_result | None, done: CompletedEntry | None, overwrite: bool
+) -> str | None:
+    """Why the object need not be downloaded again, or None. The one place this is decided.
+
+    A journal entry with the same ETag and size proves the local file; without one, a file of the same size
+    that is not older than the object is taken as current (what ``aws s3 sync`` does).
+    """
+    if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
+        return None
+    if done is not None:
+        if done.etag == obj.etag and done.size == obj.size:
+            return "already downloaded"
+        return None  # the object changed since we downloaded it
+    if local.st_mtime + 1e-6 >= obj.last_modified:
+        return "exists locally (same size, not older)"
+    return None
+
+
+###############################################################################
+# Transfer
+###############################################################################
+# One object in, one result out: Transfer.download(obj, target) -> DownloadResult. It asks an Engine (above)
+# for bytes; swapping the engine changes nothing here. route_for decides which path fetches an object:
+#
+# - "loop": the smallest objects (small_object_kb, http engine) skip the worker threads. SmallObjectLoop fetches
+#   them on one thread over non-blocking connections and Transfer.store_small verifies and stores each whole
+#   body; any outcome but a clean 200 goes back to Transfer.download as a first failed attempt.
+# - "stream": one GET streamed to a temporary file, hashed as it arrives. Large objects journal each part
+#   boundary they pass, so a re-run hashes the bytes already on disk once and asks only for the rest.
+# - "parts": ranged GETs in parallel, written in place with os.pwrite, each part recorded in the resume
+#   journal, so a re-run fetches only what is missing. Multipart objects being verified are cut on their own
+#   upload parts, whose MD5s rebuild the multipart ETag.
+#
+# Every GET carries If-Match with the listed ETag, so two versions are never stitched.
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which path fetches an object, and why."""
+
+    path: str  #: "loop", "stream" or "parts"
+    why: str
+    #: For "parts": cut on the object's own upload parts (to rebuild its multipart ETag), not on part_size.
+    own_parts: bool = False
+
+
+def route_for(obj: S3Object, config: Config, small_loop: bool) -> Route:
+    """The one place that decides how an object is fetched; ``small_loop`` says the engine has the event loop."""
+    verify = config.verify_checksums
+    if verify and etag_kind(obj.etag) == "multipart":
+        return Route("parts", "multipart ETag: verified part by part on its own upload parts", own_parts=True)
+    if obj.size >= config.multipart_threshold:
+        if verify:
+            return Route("stream", "large, verified: one hashed stream with resume checkpoints")
+        return Route("parts", "large, unverified: ranged parts in parallel")
+    if small_loop and obj.size <= config.small_object_kb * KiB:
+        return Route("loop", "small: the event loop")
+    return Route("stream", "one GET streamed to disk")
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A byte range of an object that is fetched, hashed and journaled as one unit."""
+
+    index: int  #: 0-based; S3's PartNumber is index + 1
+    start: int  #: first byte
+    end: int  #: last byte, inclusive (as in a Range header)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
+    """Cut ``size`` bytes into parts: all of one size (the last shorter), or of the given sizes in order."""
+    sizes = [part_sizes] * max(1, math.ceil(size / part_sizes)) if isinstance(part_sizes, int) else list(part_sizes)
+    parts, start = [], 0
+    for index, part_size in enumerate(sizes):
+        end = min(size, start + part_size) - 1
+        if end < start:
+            break
+        parts.append(Part(index, start, end))
+        start = end + 1
+    if start != size:
+        raise ValueError(f"part sizes {sizes[:3]}... do not add up to the object size {size}")
+    return parts
+
+
+def _hash_file_prefix(path: Path, length: int, hasher: StreamHasher) -> None:
+    """Feed the first ``length`` bytes a previous run wrote into ``hasher``: the one read of those bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        offset = 0
+        while offset < length:
+            chunk = os.pread(fd, min(MiB, length - offset), offset)
+            if not chunk:
+                raise ConnectionError("the partial file is shorter than its journal says")
+            hasher.update(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written; ENOSPC becomes DiskFull so the run can stop cleanly."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(str(exc)) from None
+        raise
+
+
+class _Checkpoints:
+    """Journals each part boundary a large stream passes, so a re-run resumes from the last one."""
+
+    def __init__(self, journal: ResumeJournal, obj: S3Object, parts: list[Part], offset: int) -> None:
+        self.journal = journal
+        self.obj = obj
+        self.parts = parts
+        self.layout = [part.size for part in parts]
+        #: The first part whose end the stream has not passed yet.
+        self.next = sum(1 for part in parts if part.end < offset)
+
+    def __call__(self, offset: int) -> None:
+        while self.next < len(self.parts) and self.parts[self.next].end < offset:
+            self.journal.record_part(self.obj, self.layout, self.next, "")
+            self.next += 1
+
+
+class Transfer:
+    """Moves one object from S3 to its final path; every resume and verification decision is here."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: Config,
+        journal: ResumeJournal,
+        part_pool: ThreadPoolExecutor | None,
+        stop: threading.Event,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        *,
+        root: Path,
+        pinned: bool = False,
+        halt: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.journal = journal
+        self.part_pool = part_pool
+        self.stop = stop
+        self.on_bytes = on_bytes
+        #: Stops the whole run with a reason (a full disk); by default just the stop event.
+        self.halt = halt or (lambda reason: stop.set())
+        self._made_dirs: set[Path] = set()
+        #: Multipart objects whose parts are fetched on exact, per-part sizes after a mismatch.
+        self._exact_layout: set[tuple[str, str]] = set()
+        #: Encrypted multipart objects seen in this run (SSE-KMS/SSE-C), and why their ETag cannot verify them.
+        self._opaque_etags: dict[tuple[str, str], str] = {}
+        self._dirs_lock = threading.Lock()
+        #: The download directory: every directory below it is created by _ensure_parent, never through a link.
+        self.root = root
+        #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
+        self.pinned = pinned
+        #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
+        self._versions: dict[tuple[str, str], str] = {}
+
+    # -- the boundary ---------------------------------------------------------------------------------------
+
+    def download(self, obj: S3Object, target: Path, failed_attempt: BaseException | None = None) -> DownloadResult:
+        """Fetch ``obj`` into ``target``; never raises for a per-object problem (it becomes the result).
+
+        ``failed_attempt`` is how a first attempt made elsewhere (the small-object loop) failed: it is handled
+        here exactly as if this method's own first attempt had raised it, backoff and all.
+        """
+        if self.stop.is_set():  # queued before the run began stopping: do not start it
+            return DownloadResult(obj, "interrupted", "stopped")
+        try:
+            return self._download(obj, target, failed_attempt)
+        except Interrupted:
+            return DownloadResult(obj, "interrupted", "stopped")
+        except DiskFull:
+            self.halt("disk full")
+            raise
+
+    def _download(self, obj: S3Object, target: Path, pending: BaseException | None) -> DownloadResult:
+        """The object-level loop: a checksum mismatch or a new version starts the object over."""
+        restarts = Attempts(self._what(obj), self.config, self.stop)
+        changes = 0
+        while True:
+            try:
+                self._ensure_parent(target)
+                checksum, fetched = self._fetch(obj, target, pending)
+                obj = self._take_version(obj)
+                return DownloadResult(obj, "downloaded", "", str(target), checksum, fetched, restarts.failures + 1)
+            except ChecksumMismatch as exc:
+                self._discard_partial(obj, target)
+                if etag_kind(obj.etag) == "multipart":
+                    self._exact_layout.add((obj.bucket, obj.key))  # maybe uneven parts: ask each one next time
+                if not restarts.another(exc):
+                    return self._failed(obj, exc, restarts.failures)
+            except ObjectChanged:
+                self._discard_partial(obj, target)
+                changes += 1
+                obj, failure = self._new_version(obj, changes)
+                if failure is not None:
+                    return failure
+            except (Interrupted, DiskFull):
+                raise
+            except Exception as exc:
+                return self._failed(obj, exc, restarts.failures + 1)
+            pending = None
+
+    def _failed(self, obj: S3Object, exc: BaseException, attempts: int) -> DownloadResult:
+        if self.stop.is_set():  # the stop shut its socket, or it failed while the run was ending
+            return DownloadResult(obj, "interrupted", "stopped", attempts=attempts)
+        log.debug("%s failed after %d attempt(s)", self._what(obj), attempts, exc_info=exc)
+        return DownloadResult(obj, "failed", failure_reason(exc), attempts=attempts)
+
+    def _new_version(self, obj: S3Object, changes: int) -> tuple[S3Object, DownloadResult | None]:
+        """The object was replaced mid-download: fetch the new version, unless the run is pinned to the old one."""
+        if self.pinned:
+            return obj, DownloadResult(obj, "failed", "etag no longer matches the manifest")
+        if changes > self.config.retry_attempts:
+            return obj, DownloadResult(obj, "failed", failure_reason(ObjectChanged()))
+        try:
+            headers = Attempts(self._what(obj), self.config, self.stop).call(
+                lambda: self.engine.head(obj, object_request(obj, request_payer=self.config.request_payer))
+            )
+        except (Interrupted, DiskFull):
+            raise
+        except Exception as exc:  # deleted in between, denied, ...
+            return obj, DownloadResult(obj, "failed", failure_reason(exc))
+        log.info("%s changed since it was listed; fetching the new version", self._what(obj))
+        return object_from_head(obj, headers), None
+
+    @staticmethod
+    def _what(obj: S3Object) -> str:
+        return f"{obj.bucket}/{display_key(obj.key)}"
+
+    def _note_version(self, obj: S3Object, headers: Mapping[str, str]) -> None:
+        version = headers.get("x-amz-version-id")
+        if version and version != "null" and not obj.version_id:
+            self._versions[(obj.bucket, obj.key)] = version
+
+    def _take_version(self, obj: S3Object) -> S3Object:
+        """The object with the version id its GET named, if the listing had none."""
+        version = self._versions.pop((obj.bucket, obj.key), None)
+        return dataclasses.replace(obj, version_id=version) if version and not obj.version_id else obj
+
+    def _with_version(self, obj: S3Object) -> S3Object:
+        version = None if obj.version_id else self._versions.get((obj.bucket, obj.key))
+        return dataclasses.replace(obj, version_id=version) if version else obj
+
+    # -- local files ----------------------------------------------------------------------------------------
+
+    def _ensure_parent(self, target: Path) -> None:
+        """Create the target's directories, refusing any that is a symlink or a file (key vs key clash)."""
+        parent = target.parent
+        if parent in self._made_dirs:
+            return
+        current = self.root
+        for name in parent.relative_to(self.root).parts:
+            current = current / name
+            try:
+                info = os.lstat(current)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # another worker made it
+                    os.mkdir(current)
+                info = os.lstat(current)
+            if stat.S_ISLNK(info.st_mode):
+                raise UnsafeKeyError("unsafe key: path goes through a symlink")
+            if not stat.S_ISDIR(info.st_mode):
+                raise NotADirectoryError(str(current))
+        with self._dirs_lock:
+            self._made_dirs.add(parent)
+
+    def _open_temp(self, temp: Path, keep: bool) -> int:
+        """Open the temporary file without following symlinks; ``keep`` reuses one a previous run left."""
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        if not keep:
+            flags |= os.O_EXCL  # a leftover (or planted symlink) is removed and the create tried once more
+        try:
+            try:
+                return os.open(temp, flags, 0o644)
+            except FileExistsError:
+                os.unlink(temp)
+                return os.open(temp, flags, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(exc)) from None
+            raise
+
+    def _finish(self, obj: S3Object, temp: Path, target: Path, checksum: str | None) -> None:
+        """Give the file the object's mtime, rename it into place (the only way a target appears), journal it."""
+        os.utime(temp, (obj.last_modified, obj.last_modified))
+        os.replace(temp, target)  # onto a directory this fails (EISDIR): a key vs key path conflict
+        self.journal.record_done(self._with_version(obj), checksum, str(target))
+
+    def _discard_partial(self, obj: S3Object, target: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_path_for(target, obj.key))
+        self.journal.drop_partial(obj)
+
+    # -- fetching -------------------------------------------------------------------------------------------
+
+    def _fetch(self, obj: S3Object, target: Path, pending: BaseException | None) -> tuple[str | None, int]:
+        """Fetch by the object's route; ``pending`` is a failed first try made elsewhere, counted as this one's."""
+        tries = Attempts(self._what(obj), self.config, self.stop)
+        if isinstance(pending, (ChecksumMismatch, ObjectChanged)):
+            raise pending
+        if pending is not None:
+            tries.failed(pending)
+        route = route_for(obj, self.config, small_loop=False)
+        if route.path == "parts":
+            parts = self._own_parts(obj) if route.own_parts else plan_parts(obj.size, self.config.part_size)
+            return self._fetch_parts(obj, target, parts)
+        return self._fetch_stream(obj, target, tries)
+
+    def _part_size(self, obj: S3Object, part_number: int) -> int:
+        """Content length of one upload part (HEAD ?partNumber=N)."""
+        request = object_request(obj, part_number=part_number, request_payer=self.config.request_payer)
+        try:
+            headers = Attempts(self._what(obj), self.config, self.stop).call(lambda: self.engine.head(obj, request))
+        except S3Error as exc:
+            if part_number_gone(exc):
+                raise ObjectChanged(obj.key) from None
+            raise
+        return int(headers["content-length"])
+
+    def _own_parts(self, obj: S3Object) -> list[Part]:
+        """The object's upload parts, so per-part MD5s can rebuild its multipart ETag."""
+        count = int(obj.etag.rsplit("-", 1)[1])
+        if count == 1:
+            return plan_parts(obj.size, max(obj.size, 1))
+        first = self._part_size(obj, 1)
+        # Uneven parts can have the count equal ones would (6+5+1 MiB and 6+6+0.x MiB are both 3): check the last,
+        # and after a mismatch ask every part (uneven middle parts are legal too, only rarer).
+        if (
+            (obj.bucket, obj.key) not in self._exact_layout
+            and first > 0
+            and math.ceil(obj.size / first) == count
+            and self._part_size(obj, count) == obj.size - (count - 1) * first
+        ):
+            return plan_parts(obj.size, first)
+        # Parts of different sizes (allowed by S3): ask for each one.
+        return plan_parts(obj.size, [first] + [self._part_size(obj, n) for n in range(2, count + 1)])
+
+    def _fetch_stream(self, obj: S3Object, target: Path, tries: Attempts) -> tuple[str | None, int]:
+        """One GET streamed to the temp file and hashed as it arrives; a body fault resumes with a Range.
+
+        A large object (>= multipart_threshold) journals each part boundary it passes and keeps its temp file
+        when the run stops, so a re-run hashes the bytes already on disk once and asks only for the rest.
+        """
+        temp = temp_path_for(target, obj.key)
+        parts, written = self._stream_resume_point(obj, temp)
+        fd = self._open_temp(temp, keep=written > 0)
+        try:
+            hasher = self._resumed_hasher(obj, temp, written)
+            checkpoint = _Checkpoints(self.journal, obj, parts, written) if parts else None
+            hasher, fetched = self._stream_into(obj, fd, written, hasher, checkpoint, tries)
+            checksum = hasher.verify() if hasher else None
+            os.close(fd)
+            fd = -1
+            self._finish(obj, temp, target, checksum)
+            return checksum, fetched
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            if not parts:  # small objects start over; large ones keep their bytes for the next attempt or run
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+
+    def _resumed_hasher(self, obj: S3Object, temp: Path, written: int) -> StreamHasher | None:
+        """For a stream a previous run left ``written`` bytes of: the hasher, fed those bytes from disk once."""
+        if not written:
+            return None
+        hasher = choose_hasher(obj, {}, self.config.verify_checksums)
+        if hasher is not None:
+            _hash_file_prefix(temp, written, hasher)
+        log.info("Resuming %s at byte %s of %s", self._what(obj), f"{written:,}", f"{obj.size:,}")
+        return hasher
+
+    def _stream_into(
+        self,
+        obj: S3Object,
+        fd: int,
+        written: int,
+        hasher: StreamHasher | None,
+        checkpoint: Callable[[int], None] | None,
+        tries: Attempts,
+    ) -> tuple[StreamHasher | None, int]:
+        """GET the object from byte ``written`` into ``fd`` until it is whole; a retry continues where the body
+        broke off. Returns the hasher (chosen from the first answer's headers) and the bytes fetched."""
+        fetched = 0
+        verify = self.config.verify_checksums
+        while True:
+            try:
+                request = object_request(
+                    obj,
+                    byte_range=(written, obj.size - 1) if written else None,
+                    if_match=obj.etag or None,
+                    checksum_mode=verify and not written,
+                    request_payer=self.config.request_payer,
+                )
+                response = self.engine.get(obj, request)
+                if hasher is None:
+                    hasher = choose_hasher(obj, response.headers, verify)
+                    self._note_version(obj, response.headers)
+                try:
+                    written, got, fault = self._copy_body(response, fd, written, obj.size, hasher, checkpoint)
+                finally:
+                    response.close()
+                fetched += got
+                if fault is None and written != obj.size:
+                    fault = ConnectionError(f"body ended at {written} of {obj.size} bytes")
+                if fault is None:
+                    return hasher, fetched
+                raise fault
+            except (ObjectChanged, DiskFull, Interrupted):
+                raise
+            except Exception as exc:
+                tries.failed(exc)
+
+    def store_small(self, obj: S3Object, target: Path, headers: Mapping[str, str], body: bytes) -> DownloadResult:
+        """Verify and store a whole body the small-object loop received; raises what the stream path would.
+
+        The same checksum choice, temp file, mtime, atomic rename and journal record as :meth:`_fetch_stream`,
+        minus the network: the loop hands any exception back to :meth:`download` as its first failed attempt.
+        """
+        if len(body) != obj.size:
+            raise ConnectionError(f"body ended at {len(body)} of {obj.size} bytes")
+        hasher = choose_hasher(obj, headers, self.config.verify_checksums)
+        checksum = None
+        if hasher is not None:
+            hasher.update(body)
+            checksum = hasher.verify()
+        self._ensure_parent(target)
+        temp = temp_path_for(target, obj.key)
+        fd = self._open_temp(temp, keep=False)
+        self._note_version(obj, headers)
+        try:
+            try:
+                _pwrite_all(fd, body, 0)
+            finally:
+                os.close(fd)
+            self._finish(obj, temp, target, checksum)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        self.on_bytes(len(body))
+        return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1)
+
+    def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
+        """For a large object: its checkpoint parts and how many bytes a previous run left verified-in-order."""
+        if obj.size < self.config.multipart_threshold:
+            return [], 0
+        parts = plan_parts(obj.size, self.config.part_size)
+        done = self.journal.partial_parts(obj, [part.size for part in parts])
+        contiguous = 0
+        while contiguous in done:
+            contiguous += 1
+        offset = parts[contiguous - 1].end + 1 if contiguous else 0
+        try:
+            info = os.lstat(temp)
+        except OSError:
+            info = None
+        if offset and (info is None or not stat.S_ISREG(info.st_mode) or info.st_size < offset):
+            offset = 0
+        if offset == 0:
+            self.journal.drop_partial(obj)
+        return parts, offset
+
+    def _copy_body(
+        self,
+        response: Response,
+        fd: int,
+        offset: int,
+        end: int,
+        hasher: StreamHasher | _Md5Sink | None,
+        checkpoint: Callable[[int], None] | None = None,
+    ) -> tuple[int, int, Exception | None]:
+        """Copy a response body to ``fd`` from ``offset``; returns (new offset, bytes read, the read error or None).
+
+        A read error is returned, not raised, so the caller still learns how far the body got and resumes the
+        next request from there.
+        """
+        chunk_size = self.config.chunk_size
+        got = 0
+        while offset < end:
+            if self.stop.is_set():
+                raise Interrupted()
+            try:
+                chunk = response.read(min(chunk_size, end - offset))
+            except Exception as exc:
+                return offset, got, exc
+            if not chunk:
+                break
+            _pwrite_all(fd, chunk, offset)
+            if hasher is not None:
+                hasher.update(chunk)
+            offset += len(chunk)
+            got += len(chunk)
+            self.on_bytes(len(chunk))
+            if checkpoint is not None:
+                checkpoint(offset)
+        return offset, got, None
+
+    def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part]) -> tuple[str | None, int]:
+        """Ranged GETs in parallel into a preallocated temp file; done parts survive a crash via the journal."""
+        temp = temp_path_for(target, obj.key)
+        layout = [part.size for part in parts]
+        done = self._parts_on_disk(obj, temp, layout)
+        fd = self._open_temp(temp, keep=bool(done))
+        try:
+            if not done:
+                self._preallocate(fd, obj.size)
+            else:
+                log.info("Resuming %s: %d of %d parts already on disk", self._what(obj), len(done), len(parts))
+            todo = [part for part in parts if part.index not in done]
+            fetched = self._fetch_missing_parts(obj, fd, todo, done, layout)
+            os.close(fd)
+            fd = -1
+            checksum = self._parts_checksum(obj, parts, done)
+            self._finish(obj, temp, target, checksum)
+            return checksum, fetched
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _parts_on_disk(self, obj: S3Object, temp: Path, layout: list[int]) -> dict[int, str]:
+        """Parts a previous attempt or run left verified in the temp file (index -> MD5 hex); none if it is gone."""
+        done = self.journal.partial_parts(obj, layout)
+        if self.config.verify_checksums:  # parts a --no-verify run fetched carry no MD5 to rebuild the ETag from
+            done = {index: digest for index, digest in done.items() if digest}
+        if done and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size:
+            return done
+        self.journal.drop_partial(obj)
+        return {}
+
+    @staticmethod
+    def _preallocate(fd: int, size: int) -> None:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DiskFull(str(exc)) from None
+            raise
+
+    def _fetch_missing_parts(
+        self, obj: S3Object, fd: int, todo: list[Part], done: dict[int, str], layout: list[int]
+    ) -> int:
+        """Fetch ``todo``, in parallel when there is a part pool, adding each part's MD5 to ``done``."""
+        if self.part_pool is None or len(todo) <= 1:
+            fetched = 0
+            for part in todo:
+                done[part.index], got = self._fetch_part(obj, fd, part, layout)
+                fetched += got
+            return fetched
+        futures = [self.part_pool.submit(self._fetch_part, obj, fd, part, layout) for part in todo]
+        fetched, error = 0, None
+        for part, future in zip(todo, futures, strict=True):
+            try:
+                done[part.index], got = future.result()
+                fetched += got
+            except CancelledError:
+                pass
+            except BaseException as exc:  # cancel parts not yet started; finished ones stay journaled
+                if error is None or isinstance(exc, (ObjectChanged, DiskFull)):
+                    error = exc
+                for pending in futures:
+                    pending.cancel()
+        if error is not None:
+            raise error
+        return fetched
+
+    def _parts_checksum(self, obj: S3Object, parts: list[Part], done: dict[int, str]) -> str | None:
+        """The checksum record of a multipart-verified object, from its parts' MD5s (ChecksumMismatch if wrong)."""
+        if not self.config.verify_checksums:
+            return None
+        note = self._opaque_etags.pop((obj.bucket, obj.key), None)
+        if note:  # an encrypted multipart object: its ETag is no MD5 of MD5s either
+            return f"unverifiable: {note}"
+        digests = [bytes.fromhex(done[part.index]) for part in parts]
+        if etag_kind(obj.etag) == "multipart":
+            return verify_multipart_etag(obj.etag, digests)
+        return verify_md5(obj.etag, digests[0]) if len(parts) == 1 else None
+
+    def _fetch_part(self, obj: S3Object, fd: int, part: Part, layout: list[int]) -> tuple[str, int]:
+        """One ranged GET (resumed within the part on a body fault), MD5'd as it streams, then journaled."""
+        verify = self.config.verify_checksums
+        hasher = hashlib.md5(usedforsecurity=False) if verify else None
+        sink = _Md5Sink(hasher)
+        tries = Attempts(f"{self._what(obj)} part {part.index + 1}", self.config, self.stop)
+        offset, fetched = part.start, 0
+        while offset <= part.end:
+            if self.stop.is_set():
+                raise Interrupted()
+            try:
+                offset, got, fault = self._get_range(obj, fd, offset, part.end, sink, verify)
+                fetched += got
+                if fault is not None:
+                    raise fault
+            except (ObjectChanged, DiskFull, Interrupted):
+                raise
+            except Exception as exc:
+                tries.failed(exc)
+        digest = hasher.hexdigest() if hasher is not None else ""
+        self.journal.record_part(obj, layout, part.index, digest)
+        return digest, fetched
+
+    def _get_range(
+        self, obj: S3Object, fd: int, offset: int, end: int, sink: _Md5Sink, verify: bool
+    ) -> tuple[int, int, Exception | None]:
+        """One ranged GET of bytes ``offset``..``end`` into ``fd``: (offset reached, bytes read, the body's fault)."""
+        request = object_request(
+            obj, byte_range=(offset, end), if_match=obj.etag or None, request_payer=self.config.request_payer
+        )
+        response = self.engine.get(obj, request)
+        self._note_version(obj, response.headers)
+        note = encryption_note(response.headers) if verify else None
+        if note:
+            self._opaque_etags[(obj.bucket, obj.key)] = note
+        try:
+            reached, got, fault = self._copy_body(response, fd, offset, end + 1, sink)
+        finally:
+            response.close()
+        if fault is None and reached != end + 1:
+            fault = ConnectionError(f"part ended at byte {reached} of {end + 1}")
+        return reached, got, fault
 
 
 ###############################################################################
@@ -3364,6 +3644,21 @@ class ResumeJournal:
                 self._fd = -1
 
 
+class NullJournal:
+    """The journal of a dry run: vouches for nothing and writes nothing."""
+
+    path = None
+
+    def completed(self, bucket: str, key: str) -> CompletedEntry | None:
+        return None
+
+    def compact(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 ###############################################################################
 # Progress and summary
 ###############################################################################
@@ -3517,6 +3812,13 @@ class Tally:
         self.failure_counts: Counter[str] = Counter()
         self.skipped_reasons: Counter[str] = Counter()
 
+    def add_selected(self, sizes: Iterable[int]) -> None:
+        """Objects of a listing page the filters kept."""
+        sizes = list(sizes)
+        with self.lock:
+            self.total += len(sizes)
+            self.total_bytes += sum(sizes)
+
     def add_bytes(self, count: int) -> None:
         self.streamed_bytes += count  # a racy += only skews the speed shown, never a result
 
@@ -3559,7 +3861,6 @@ class Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=None, desc="Downloading", unit="files", dynamic_ncols=True, leave=True)
-            _BAR_ACTIVE.set()
         elif log_lines:
             self._ticker = threading.Thread(target=self._tick, name="adl-progress", daemon=True)
             self._ticker.start()
@@ -3620,11 +3921,6 @@ class Progress:
                 self._bar.update(tally.finished - self._bar.n)
                 self._bar.close()
                 self._bar = None
-                _BAR_ACTIVE.clear()
-
-
-#: Set while a text bar is on screen, so console log lines go through tqdm.write and do not tear it.
-_BAR_ACTIVE = threading.Event()
 
 
 ###############################################################################
@@ -3703,15 +3999,411 @@ class DiskBudget:
 ###############################################################################
 # The downloader
 ###############################################################################
+# AWSDataDownloader is the public face: settings, stop() and run_full_download(). Each run is a _Run, whose fields
+# are that run's whole state (engine, journal, manifest, tally, progress, disk budget, why it stopped) and whose
+# execute() reads as the run goes: discover -> plan pages -> reserve disk -> dispatch -> finish. The objects it
+# dispatches go to a _Workers (the small-object loop, the object and part pools) or, in a dry run, a _DryRun.
 
 
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """An object that passed the filters, with where it goes (or why it cannot go anywhere)."""
+class _Workers:
+    """Fetches planned objects, each by its route: the event loop for small ones, worker threads for the rest.
 
-    obj: S3Object
-    target: Path | None
-    result: DownloadResult | None  #: set when no transfer is needed (skipped, unsafe, archived)
+    A context manager with an explicit end: leaving it waits for every object it took (or, once the run is
+    stopping, ends the ones not started as interrupted), so a notebook kernel keeps no thread after a run.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        config = run.config
+        self.run = run
+        workers = config.parallel_downloads
+        self.object_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-object")
+        self.part_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-part")
+        self.transfer = Transfer(
+            run.engine,
+            config,
+            run.journal,  # type: ignore[arg-type]  # a real journal: dry runs have no workers
+            self.part_pool,
+            run.stop,
+            run.tally.add_bytes,
+            root=run.root,
+            pinned=run.manifest_objects is not None,
+            halt=run.halt,
+        )
+        #: Objects handed to the threads and not finished yet: bounded, so listing never runs far ahead.
+        self.in_flight = threading.BoundedSemaphore(workers * 4)
+        self.small_loop = run.engine.supports_small_loop and config.small_object_kb > 0
+        #: Started with the first small object, so a run without any starts no loop thread.
+        self.loop: SmallObjectLoop | None = None
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(self, plans: Sequence[Planned]) -> None:
+        routes = [route_for(planned.obj, self.run.config, self.small_loop).path for planned in plans]
+        small = [planned for planned, path in zip(plans, routes, strict=True) if path == "loop"]
+        if small:
+            self._loop().submit(small)
+        for planned, path in zip(plans, routes, strict=True):
+            if path != "loop" and not self._thread(planned):
+                return
+
+    def _loop(self) -> SmallObjectLoop:
+        if self.loop is None:
+            loop = self.run.engine.small_loop(self.run.config, self.run.stop, self.deliver, self.fallback, self.stopped)
+            assert loop is not None, "routed to the loop by an engine without one"
+            self.loop = loop
+        return self.loop
+
+    def _thread(self, planned: Planned, failed_attempt: BaseException | None = None) -> bool:
+        """Hand one object to the pool once there is room; False when the run stopped meanwhile."""
+        while not self.in_flight.acquire(timeout=0.2):
+            if self.run.stop.is_set():
+                return False
+        if self.run.stop.is_set():
+            self.in_flight.release()
+            return False
+        future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target)
+        future.add_done_callback(lambda done, p=planned: self._done(done, p, release=True))
+        return True
+
+    # -- how objects finish (called from the loop and pool threads) -----------------------------------------
+
+    def deliver(self, planned: Planned, headers: Mapping[str, str], body: bytes) -> None:
+        """A whole body from the loop: verify and store it, or hand it to the threads as a failed first try."""
+        assert planned.target is not None
+        try:
+            result = self.transfer.store_small(planned.obj, planned.target, headers, body)
+        except Exception as exc:
+            self.fallback(planned, exc)
+            return
+        self.run.finished(result)
+
+    def fallback(self, planned: Planned, failed_attempt: BaseException | None) -> None:
+        """The loop hands an object over: the threads carry on from its failed attempt (None: start afresh)."""
+        try:
+            future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target, failed_attempt)
+        except RuntimeError:  # the pool stopped taking work: the run is ending
+            self.stopped(planned)
+            return
+        future.add_done_callback(lambda done, p=planned: self._done(done, p, release=False))
+
+    def stopped(self, planned: Planned) -> None:
+        self.run.finished(DownloadResult(planned.obj, "interrupted", "stopped"))
+
+    def _done(self, future: Future[DownloadResult], planned: Planned, release: bool) -> None:
+        if release:
+            self.in_flight.release()
+        try:
+            result = future.result()
+        except CancelledError:  # never started: the run was stopping (signal, disk full)
+            result = DownloadResult(planned.obj, "interrupted", "stopped")
+        except DiskFull as exc:  # the transfer has halted the run already
+            result = DownloadResult(planned.obj, "failed", failure_reason(exc))
+        except BaseException as exc:  # a bug, not a per-object problem: report it, keep going
+            log.error("Unexpected error on %s: %s", display_key(planned.obj.key), exc, exc_info=True)
+            result = DownloadResult(planned.obj, "failed", f"{type(exc).__name__}: {exc}")
+        self.run.finished(result)
+
+    # -- the end --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for every object taken: the loop first (it hands failures to the pool), then the pools."""
+        loop = self.loop
+        if loop is not None:
+            self.run.until_done(loop.close)
+        if self.run.stop.is_set():
+            self.object_pool.shutdown(wait=False, cancel_futures=True)
+        self.run.until_done(self.object_pool.shutdown)
+        self.run.until_done(self.part_pool.shutdown)
+
+
+class _DryRun:
+    """Stands in for _Workers in a dry run: each object that would be fetched is logged and counted."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def __enter__(self) -> _DryRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def submit(self, plans: Sequence[Planned]) -> None:
+        for planned in plans:
+            obj = planned.obj
+            log.info("Would download %s/%s (%s)", obj.bucket, display_key(obj.key), format_size(obj.size))
+            self.run.finished(DownloadResult(obj, "downloaded", path=str(planned.target)))
+
+
+@dataclass(eq=False)
+class _Run:
+    """One run of run_full_download, from discovery to its summary: every field is that run's own state."""
+
+    config: Config
+    credentials: Credentials
+    root: Path
+    dry_run: bool
+    #: The objects of --from-manifest, fetched exactly as recorded; None for a run that lists its buckets.
+    manifest_objects: list[S3Object] | None
+    stop: threading.Event
+    redactor: SecretRedactingFilter
+    #: Seconds in-flight objects get to reach a chunk boundary after a stop, before their sockets are shut.
+    grace_s: float = 5.0
+    started: float = field(default_factory=time.monotonic)
+    #: Why the run ends early, the first reason given: "interrupted", "disk full", or "disk space" (the
+    #: selection does not fit, found before its bytes are fetched).
+    stop_reason: str | None = None
+    buckets: list[str] = field(default_factory=list)
+    #: Buckets that cannot be read, and why.
+    problems: list[BucketProblem] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
+    journal: ResumeJournal | NullJournal = field(default_factory=lambda: NullJournal())
+    manifest: ManifestWriter | NullManifest = field(default_factory=lambda: NullManifest())
+    progress: Progress = field(default_factory=lambda: Progress(Tally(), bar=False, log_lines=False, interval=1))
+    #: Bytes of pages left undispatched for lack of disk space, so the error can say how much is needed.
+    needed_more: int = 0
+    #: Shuts the engine's sockets; a no-op until the engine exists.
+    abort: Callable[[], None] = lambda: None
+
+    def execute(self) -> DownloadSummary:
+        """discover -> plan pages -> reserve disk -> dispatch -> finish."""
+        self.open()
+        try:
+            self.discover()
+            self.open_outputs()
+            with _DryRun(self) if self.dry_run else _Workers(self) as workers:
+                try:
+                    for plans in self.within_budget(self.planned_pages()):
+                        self.dispatch(plans, workers)
+                        if self.stop.is_set():
+                            break
+                    self.listing_complete()
+                except KeyboardInterrupt:  # Python API: Ctrl-C in a notebook is a stop request
+                    self.halt("interrupted")
+        finally:
+            self.close()
+        return self.finish()
+
+    # -- discover -------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """The selection rules, the session and the engine: everything checked before a request is made."""
+        config = self.config
+        manifest_run = self.manifest_objects is not None
+        # A manifest run fetches exactly the manifest's objects: the config's filters and shard do not apply.
+        self.filters = Filters() if manifest_run else Filters.from_config(config)
+        session = make_session(config, self.credentials, self.redactor)
+        if self.credentials.access_key:
+            log.info("Using access key %s", mask_access_key(self.credentials.access_key))
+        self.clients = SharedClient(session, config)
+        self.engine = make_engine(session, self.clients, config)
+        self.abort = self.engine.abort
+
+    def attempts(self, what: str) -> Attempts:
+        """The tries of one request of this run (the Retries section)."""
+        return Attempts(what, self.config, self.stop)
+
+    def discover(self) -> None:
+        """The buckets to read: the manifest's, the named ones that are readable, or every readable one."""
+        if self.manifest_objects is not None:
+            self.buckets = list(dict.fromkeys(obj.bucket for obj in self.manifest_objects))
+        else:
+            names = self.config.buckets or account_buckets(self.clients.get(), self.attempts)
+            self.buckets, self.problems = discover_buckets(self.engine, names, self.attempts)
+            if not self.config.no_sign_request and self.buckets:
+                log.info("AWS credentials validated successfully")
+            for problem in self.problems:
+                log.warning("%s", problem.reason)
+            if not self.buckets:
+                reasons = "; ".join(problem.reason for problem in self.problems)
+                if self.config.buckets:
+                    raise NothingAccessibleError(reasons or "no bucket could be read")
+                raise NothingAccessibleError("no accessible buckets found for these credentials")
+        log.info("Discovered %d accessible bucket%s", len(self.buckets), "" if len(self.buckets) == 1 else "s")
+
+    def open_outputs(self) -> None:
+        """The journal, manifest, progress display and disk budget; a dry run writes none of them."""
+        config = self.config
+        if not self.dry_run:
+            self.journal = ResumeJournal(self.root / config.resume_file).load()
+            if self.journal.journal_path.exists():
+                self.journal.compact()  # fold in the last run's journal so it never grows across runs
+            if config.manifest:
+                self.manifest = ManifestWriter(Path(config.manifest))
+        watched = not config.quiet and (in_notebook() or sys.stderr.isatty())
+        self.progress = Progress(
+            self.tally,
+            bar=watched and not self.dry_run,
+            log_lines=not config.quiet and not self.dry_run,
+            interval=config.progress_interval_s,
+        )
+        self.budget = DiskBudget(self.root, config.check_disk_space and not self.dry_run)
+
+    # -- plan pages -----------------------------------------------------------------------------------------
+
+    def pages(self) -> Iterator[list[S3Object]]:
+        """Every selected prefix of every bucket, a page at a time (a manifest run: the manifest as one page)."""
+        if self.manifest_objects is not None:
+            yield self.manifest_objects
+            return
+        for bucket in self.buckets:
+            try:
+                for prefix in collapse_prefixes(self.config.prefixes):
+                    yield from list_pages(self.engine, bucket, prefix, self.attempts)
+            except S3Error as exc:  # a bucket whose listing is denied is a bucket problem: the others go on
+                self.listing_refused(bucket, exc)
+            except Interrupted:
+                return
+            except Exception as exc:  # the page's own retries are spent: the run cannot know what else to fetch
+                error = unreachable(exc, f"listing bucket '{bucket}' failed after {self.config.retry_attempts} retries")
+                raise error from None
+
+    def listing_refused(self, bucket: str, exc: S3Error) -> None:
+        problem = credentials_problem(exc)
+        if problem:
+            raise CredentialsError(problem) from None
+        if is_denied(exc.status, exc.code):
+            reason = f"Access Denied for listing bucket '{bucket}'"
+        else:
+            reason = f"listing bucket '{bucket}' failed: {exc.code or exc.status}"
+        log.warning("%s", reason)
+        self.problems.append(BucketProblem(bucket, reason))
+
+    def planned_pages(self) -> Iterator[tuple[list[Planned], int]]:
+        """Each page's selected objects, placed and skip-checked, with the bytes still to fetch for them."""
+        overwrite = self.config.overwrite_existing
+        for page in self.pages():
+            plans = [p for obj in page if (p := plan_object(obj, self.root, self.filters, overwrite, self.journal))]
+            self.tally.add_selected(plan.obj.size for plan in plans)
+            yield plans, sum(plan.obj.size for plan in plans if plan.result is None)
+
+    # -- reserve disk and dispatch --------------------------------------------------------------------------
+
+    def within_budget(self, pages: Iterator[tuple[list[Planned], int]]) -> Iterator[list[Planned]]:
+        """The pages whose bytes fit on the disk. The first DISK_CHECK_PAGES are planned before any download
+        starts, so a selection of up to that many pages writes nothing when it does not fit; past the free
+        space the rest are only counted, so the error can say how much is needed."""
+        head = list(itertools.islice(pages, DISK_CHECK_PAGES))
+        if not self.budget.fits(sum(need for _, need in head)):
+            self.halt("disk space")
+        for plans, need in itertools.chain(head, pages):
+            if self.stop_reason == "disk space" or not self.budget.fits(need):
+                self.needed_more += need
+                self.halt("disk space")
+                continue
+            self.budget.reserve(need)
+            yield plans
+
+    def dispatch(self, plans: list[Planned], workers: _Workers | _DryRun) -> None:
+        """Record the objects already decided (skipped, unsafe, archived); hand the rest to the workers."""
+        for planned in plans:
+            if planned.result is not None:
+                self.finished(planned.result)
+        workers.submit([planned for planned in plans if planned.result is None])
+
+    def finished(self, result: DownloadResult) -> None:
+        """One object's outcome, from any thread: counted, written to the manifest, shown."""
+        self.tally.record(result)
+        self.manifest.write(result)
+        if result.status == "failed":
+            obj = result.obj
+            log.warning("Failed %s/%s: %s", obj.bucket, display_key(obj.key), display_key(result.reason))
+        self.progress.update()
+
+    def listing_complete(self) -> None:
+        self.progress.set_total(self.tally.total)
+        if not self.stop.is_set():
+            size = format_size(self.tally.total_bytes)
+            log.info("Found %s objects to download (%s); listing complete", f"{self.tally.total:,}", size)
+
+    # -- stopping -------------------------------------------------------------------------------------------
+
+    def halt(self, reason: str) -> None:
+        """Stop the run for ``reason``; safe from a signal handler. The first reason given is the one reported.
+
+        "disk space" only stops dispatching: what has started finishes. Any other reason stops in-flight objects
+        at their next chunk, and grace_s later shuts the engine's sockets, so a read stalled on a silent
+        connection does not wait out the read timeout (60 s by default).
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if reason == "disk space" or self.stop.is_set():
+            return
+        self.stop.set()
+        timer = threading.Timer(self.grace_s, self.abort)
+        timer.daemon = True
+        timer.start()
+
+    def until_done(self, wait: Callable[[], object]) -> None:
+        """Run a wait to its end; a Ctrl-C meanwhile becomes a stop request, which makes the wait shorter."""
+        while True:
+            try:
+                wait()
+                return
+            except KeyboardInterrupt:
+                self.halt("interrupted")
+
+    # -- finish ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.progress.close()
+        self.abort = lambda: None
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+        with contextlib.suppress(OSError):
+            self.journal.compact()
+        self.journal.close()
+        self.manifest.close()
+
+    def finish(self) -> DownloadSummary:
+        """The summary, or the error that ended the run (carrying the summary so far)."""
+        reason = self.stop_reason or ("interrupted" if self.stop.is_set() else None)
+        if reason == "disk space":
+            free = max(0, self.budget.free - DiskBudget.MARGIN)
+            needed = self.budget.reserved + self.needed_more
+            raise DiskSpaceError(
+                f"not enough disk space in {self.root}: the selection needs {format_size(needed)}, "
+                f"{format_size(free)} is free (free some space, narrow the selection, or use --ignore-disk-space)",
+                self.summary("not enough disk space"),
+            )
+        summary = self.summary(reason)
+        if reason == "disk full":
+            raise DiskSpaceError(
+                f"no space left on device in {self.root}; completed files are kept, free some space and run again",
+                summary,
+            )
+        if reason is not None:
+            raise DownloadInterrupted(
+                "interrupted; completed files and resume state are saved, run again to continue", summary
+            )
+        return summary
+
+    def summary(self, stopped_reason: str | None) -> DownloadSummary:
+        tally, interrupted = self.tally, stopped_reason == "interrupted"
+        return DownloadSummary(
+            total_files=tally.total,
+            downloaded=tally.downloaded,
+            skipped=tally.skipped,
+            failed=tally.failed,
+            total_bytes=tally.total_bytes,
+            downloaded_bytes=tally.downloaded_bytes,
+            duration_s=time.monotonic() - self.started,
+            failures=tuple(tally.failures),
+            skipped_reasons=dict(tally.skipped_reasons),
+            buckets=tuple(self.buckets),
+            bucket_problems=tuple(self.problems) if self.config.buckets else (),
+            download_dir=str(self.root),
+            resume_file=str(self.journal.path) if self.journal.path else None,
+            manifest=self.config.manifest,
+            dry_run=self.dry_run,
+            interrupted=interrupted,
+            stopped_reason=None if interrupted else stopped_reason,
+        )
 
 
 class AWSDataDownloader:
@@ -3720,6 +4412,9 @@ class AWSDataDownloader:
     It owns no threads or handlers between runs: each run_full_download starts its pools and joins them,
     so creating several downloaders in one notebook kernel leaks nothing and logs each line once.
     """
+
+    #: Seconds in-flight objects get to reach a chunk boundary after a stop, before their sockets are shut.
+    STOP_GRACE_S = 5.0
 
     def __init__(
         self, config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None, **overrides: Any
@@ -3734,15 +4429,14 @@ class AWSDataDownloader:
             base = Config()
         #: The validated settings; run_full_download's overrides apply to one run only.
         self.config = base.replace(**overrides) if overrides else base
+        #: Masks the current run's secrets wherever they could be printed: every log handler during a run, the
+        #: CLI's handlers and its error line. It holds one run's secrets at a time.
+        self.redactor = SecretRedactingFilter()
         self._stop = threading.Event()
-        self._interrupt_reason: str | None = None
-        #: Shuts the running engine's sockets (set while a run is active).
-        self._abort: Callable[[], None] | None = None
+        #: The run in progress, if any (stop() forwards to it).
+        self._run: _Run | None = None
 
     # -- public API -----------------------------------------------------------------------------------------
-
-    #: Seconds in-flight objects get to reach a chunk boundary after a stop, before their sockets are shut.
-    STOP_GRACE_S = 5.0
 
     def stop(self, reason: str = "interrupted") -> None:
         """Ask a running download to stop; safe from a signal handler.
@@ -3750,14 +4444,16 @@ class AWSDataDownloader:
         In-flight objects stop at their next chunk. A read stalled on a silent connection would wait for the
         read timeout (60 s by default), so after STOP_GRACE_S the engine's sockets are shut down too.
         """
-        first = not self._stop.is_set()
-        self._interrupt_reason = reason
-        self._stop.set()
-        abort = self._abort
-        if first and abort is not None:
-            timer = threading.Timer(self.STOP_GRACE_S, abort)
-            timer.daemon = True
-            timer.start()
+        run = self._run
+        if run is not None:
+            run.halt(reason)
+        else:
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for during the current run."""
+        return self._stop.is_set()
 
     def run_full_download(
         self,
@@ -3778,380 +4474,25 @@ class AWSDataDownloader:
         if region is not None:
             overrides["region"] = region
         config = self.config.replace(**overrides) if overrides else self.config
-        credentials = Credentials(access_key, secret_key, session_token)
         self._stop.clear()
-        self._interrupt_reason = None
-        started = time.monotonic()
+        self.redactor.clear()
         root = Path(config.download_dir).expanduser().absolute()
+        manifest_objects = read_manifest(from_manifest) if from_manifest is not None else None
         if not dry_run:
             prepare_download_dir(root)
         lock = DirectoryLock(root) if not dry_run else None
         if lock is not None:
             lock.acquire()
+        credentials = Credentials(access_key, secret_key, session_token)
+        run = _Run(config, credentials, root, dry_run, manifest_objects, self._stop, self.redactor, self.STOP_GRACE_S)
+        self._run = run
         try:
-            return self._run(config, credentials, root, started, dry_run, from_manifest)
+            with self.redactor.on_every_handler():
+                return run.execute()
         finally:
+            self._run = None
             if lock is not None:
                 lock.release()
-
-    # -- the run --------------------------------------------------------------------------------------------
-
-    def _run(
-        self,
-        config: Config,
-        credentials: Credentials,
-        root: Path,
-        started: float,
-        dry_run: bool,
-        from_manifest: str | os.PathLike[str] | None,
-    ) -> DownloadSummary:
-        import botocore.exceptions
-
-        # A manifest run fetches exactly the manifest's objects: the config's filters and shard do not apply.
-        filters = Filters() if from_manifest is not None else Filters.from_config(config)
-        session = make_session(config, credentials)
-        if credentials.access_key:
-            log.info("Using access key %s", mask_access_key(credentials.access_key))
-        clients = SharedClient(session, config)
-        engine = make_engine(session, clients, config)
-        regions: dict[str, str] = {}
-        manifest_objects: list[S3Object] | None = None
-        if from_manifest is not None:
-            manifest_objects = read_manifest(from_manifest)
-            buckets = list(dict.fromkeys(obj.bucket for obj in manifest_objects))
-            problems: list[BucketProblem] = []
-        else:
-            try:
-                if config.buckets and isinstance(engine, HttpEngine) and engine.path_style_endpoint is not None:
-                    # No botocore client is built for this run unless something needs it.
-                    buckets, problems = discover_buckets(None, config.buckets, regions, engine.probe_bucket)
-                else:
-                    buckets, problems = discover_buckets(clients.get(), config.buckets, regions)
-            except botocore.exceptions.NoCredentialsError:
-                raise CredentialsError(credentials_problem(botocore.exceptions.NoCredentialsError()) or "") from None
-        if not config.no_sign_request and buckets and manifest_objects is None:
-            log.info("AWS credentials validated successfully")
-        for problem in problems:
-            log.warning("%s", problem.reason)
-        if not buckets and manifest_objects is None:
-            if config.buckets:
-                raise NothingAccessibleError("; ".join(p.reason for p in problems) or "no bucket could be read")
-            raise NothingAccessibleError("no accessible buckets found for these credentials")
-        log.info("Discovered %d accessible bucket%s", len(buckets), "" if len(buckets) == 1 else "s")
-
-        journal: ResumeJournal | None = None
-        resume_path = root / config.resume_file
-        if not dry_run:
-            journal = ResumeJournal(resume_path).load()
-            if journal.journal_path.exists():
-                journal.compact()  # fold in the last run's journal so it never grows across runs
-        manifest = ManifestWriter(Path(config.manifest)) if config.manifest and not dry_run else None
-        tally = Tally()
-        interactive = not config.quiet and (in_notebook() or sys.stderr.isatty())
-        progress = Progress(
-            tally,
-            bar=interactive and not dry_run,
-            log_lines=not config.quiet and not dry_run,
-            interval=config.progress_interval_s,
-        )
-        stopped_reason: str | None = None
-        workers = config.parallel_downloads
-        self._abort = engine.abort
-        for bucket, region in regions.items():
-            engine.set_bucket_region(bucket, region)
-        try:
-            with (
-                ThreadPoolExecutor(workers, thread_name_prefix="adl-object") as object_pool,
-                ThreadPoolExecutor(workers, thread_name_prefix="adl-part") as part_pool,
-            ):
-                transfer = Transfer(
-                    engine,
-                    config,
-                    journal,
-                    part_pool,
-                    self._stop,
-                    tally.add_bytes,
-                    root=root,
-                    pinned=manifest_objects is not None,
-                )
-                in_flight = threading.BoundedSemaphore(workers * 4)
-                budget = DiskBudget(root, config.check_disk_space and not dry_run)
-
-                def finished(result: DownloadResult) -> None:
-                    tally.record(result)
-                    if manifest is not None:
-                        manifest.write(result)
-                    if result.status == "failed":
-                        log.warning(
-                            "Failed %s/%s: %s",
-                            result.obj.bucket,
-                            display_key(result.obj.key),
-                            display_key(result.reason),
-                        )
-                    progress.update()
-
-                def on_done(future: Future[DownloadResult], planned: Planned, release: bool = True) -> None:
-                    if release:
-                        in_flight.release()
-                    try:
-                        result = future.result()
-                    except CancelledError:  # never started: the run was stopping (signal, disk full)
-                        result = DownloadResult(planned.obj, "interrupted", "stopped")
-                    except DiskFull as exc:
-                        result = DownloadResult(planned.obj, "failed", failure_reason(exc))
-                        self._interrupt_reason = "disk full"
-                    except BaseException as exc:  # a bug, not a per-object problem: report it, keep going
-                        log.error("Unexpected error on %s: %s", display_key(planned.obj.key), exc, exc_info=True)
-                        result = DownloadResult(planned.obj, "failed", f"{type(exc).__name__}: {exc}")
-                    finished(result)
-
-                def fallback(planned: Planned, failed_attempt: BaseException | None) -> None:
-                    """The small-object loop hands an object over: its worker threads carry on from there."""
-                    try:
-                        future = object_pool.submit(transfer.download, planned.obj, planned.target, failed_attempt)
-                    except RuntimeError:  # the pool stopped taking work: the run is ending
-                        finished(DownloadResult(planned.obj, "interrupted", "stopped"))
-                        return
-                    future.add_done_callback(lambda f, p=planned: on_done(f, p, release=False))
-
-                # Objects from multipart_threshold up keep their ranged parts and resume checkpoints: never the loop.
-                small_limit = min(config.small_object_kb * KiB, config.multipart_threshold - 1)
-                if not isinstance(engine, HttpEngine) or dry_run or config.small_object_kb == 0:
-                    small_limit = -1
-                verify = config.verify_checksums
-                loop: SmallObjectLoop | None = None
-                pages = (
-                    iter([manifest_objects])
-                    if manifest_objects is not None
-                    else self._pages(engine, config, buckets, problems)
-                )
-                needed_more = 0
-                try:
-                    planned_pages = (self._plan_page(page, root, filters, config, journal, tally) for page in pages)
-                    # Plan the first pages before any download starts, so the disk check is exact for them (a
-                    # selection of up to DISK_CHECK_PAGES pages writes nothing when it does not fit).
-                    head = list(itertools.islice(planned_pages, DISK_CHECK_PAGES))
-                    if not budget.fits(sum(page_bytes for _, page_bytes in head)):
-                        stopped_reason = "disk space"
-                    for plans, page_bytes in itertools.chain(head, planned_pages):
-                        if stopped_reason is not None or not budget.fits(page_bytes):
-                            needed_more += page_bytes  # keep listing to say how much is needed
-                            if stopped_reason is None:
-                                stopped_reason = "disk space"
-                            continue
-                        budget.reserve(page_bytes)
-                        small: list[Planned] = []
-                        threaded: list[Planned] = []
-                        for planned in plans:
-                            if planned.result is not None:
-                                finished(planned.result)
-                            elif dry_run:
-                                log.info(
-                                    "Would download %s/%s (%s)",
-                                    planned.obj.bucket,
-                                    display_key(planned.obj.key),
-                                    format_size(planned.obj.size),
-                                )
-                                finished(DownloadResult(planned.obj, "downloaded", path=str(planned.target)))
-                            elif planned.obj.size <= small_limit and not (
-                                verify and etag_kind(planned.obj.etag) == "multipart"
-                            ):
-                                small.append(planned)  # multipart ETags need the per-part path
-                            else:
-                                threaded.append(planned)
-                        if small:
-                            if loop is None:
-                                loop = SmallObjectLoop(engine, transfer, finished, fallback)  # type: ignore[arg-type]
-                            loop.submit(small)
-                        for planned in threaded:
-                            while not in_flight.acquire(timeout=0.2):
-                                if self._stop.is_set():
-                                    break
-                            if self._stop.is_set():
-                                break
-                            future = object_pool.submit(transfer.download, planned.obj, planned.target)
-                            future.add_done_callback(lambda f, p=planned: on_done(f, p))
-                        if self._stop.is_set():
-                            break
-                except KeyboardInterrupt:
-                    self.stop("interrupted")
-                except botocore.exceptions.ClientError as exc:
-                    problem = credentials_problem(exc)
-                    if problem:
-                        raise CredentialsError(problem) from None
-                    raise DownloaderError(f"listing failed: {exc}") from None
-                finally:
-                    # Every object the loop took ends in the loop or in the pool, so it closes before the pool.
-                    while loop is not None:
-                        try:
-                            loop.close()
-                            break
-                        except KeyboardInterrupt:
-                            self.stop("interrupted")
-                progress.set_total(tally.total)
-                if not self._stop.is_set():
-                    log.info(
-                        "Found %s objects to download (%s); listing complete",
-                        f"{tally.total:,}",
-                        format_size(tally.total_bytes),
-                    )
-                if self._stop.is_set():
-                    object_pool.shutdown(wait=False, cancel_futures=True)
-                # Leaving the with-block joins both pools; a Ctrl-C while waiting becomes a stop request.
-                while True:
-                    try:
-                        object_pool.shutdown(wait=True)
-                        break
-                    except KeyboardInterrupt:
-                        self.stop("interrupted")
-        finally:
-            progress.close()
-            self._abort = None
-            engine.close()
-            if journal is not None:
-                with contextlib.suppress(OSError):
-                    journal.compact()
-                journal.close()
-            if manifest is not None:
-                manifest.close()
-        if stopped_reason == "disk space" and budget.enabled:
-            free = max(0, budget.free - DiskBudget.MARGIN)
-            needed = budget.reserved + needed_more
-            summary = self._summary(
-                tally, started, buckets, problems, root, config, journal, dry_run, "not enough disk space"
-            )
-            raise DiskSpaceError(
-                f"not enough disk space in {root}: the selection needs {format_size(needed)}, "
-                f"{format_size(free)} is free (free some space, narrow the selection, or use --ignore-disk-space)",
-                summary,
-            )
-        summary = self._summary(
-            tally,
-            started,
-            buckets,
-            problems,
-            root,
-            config,
-            journal,
-            dry_run,
-            self._interrupt_reason if self._stop.is_set() else None,
-        )
-        if self._interrupt_reason == "disk full":
-            raise DiskSpaceError(
-                f"no space left on device in {root}; completed files are kept, free some space and run again", summary
-            )
-        if self._stop.is_set():
-            raise DownloadInterrupted(
-                "interrupted; completed files and resume state are saved, run again to continue", summary
-            )
-        return summary
-
-    def _pages(
-        self, engine: Engine, config: Config, buckets: Sequence[str], problems: list[BucketProblem]
-    ) -> Iterator[list[S3Object]]:
-        """Every selected prefix of every bucket, a page at a time; a bucket whose listing is denied is a
-        bucket problem (the others go on), rejected credentials stop the run."""
-        import http.client
-
-        import botocore.exceptions
-
-        for bucket in buckets:
-            try:
-                for prefix in collapse_prefixes(config.prefixes):
-                    yield from engine.list_pages(bucket, prefix)
-            except (S3Error, botocore.exceptions.ClientError) as exc:
-                problem = credentials_problem(exc)
-                if problem:
-                    raise CredentialsError(problem) from None
-                status, code = error_code(exc)
-                if status == 403 or code == "AccessDenied":
-                    reason = f"Access Denied for listing bucket '{bucket}'"
-                else:
-                    reason = f"listing bucket '{bucket}' failed: {code or status}"
-                log.warning("%s", reason)
-                problems.append(BucketProblem(bucket, reason))
-            except (OSError, http.client.HTTPException, botocore.exceptions.BotoCoreError) as exc:
-                # Listing retries transient faults itself; past that the run cannot know what else to fetch.
-                raise DownloaderError(
-                    f"listing bucket '{bucket}' failed after {config.retry_attempts} retries: "
-                    f"{type(exc).__name__}: {exc}; run again to continue"
-                ) from None
-
-    def _plan_page(
-        self,
-        page: list[S3Object],
-        root: Path,
-        filters: Filters,
-        config: Config,
-        journal: ResumeJournal | None,
-        tally: Tally,
-    ) -> tuple[list[Planned], int]:
-        """Plan one listing page: the selected objects, and the bytes still to fetch for them."""
-        plans = [planned for obj in page if (planned := self._plan(obj, root, filters, config, journal)) is not None]
-        with tally.lock:
-            tally.total += len(plans)
-            tally.total_bytes += sum(planned.obj.size for planned in plans)
-        return plans, sum(planned.obj.size for planned in plans if planned.result is None)
-
-    def _plan(
-        self, obj: S3Object, root: Path, filters: Filters, config: Config, journal: ResumeJournal | None
-    ) -> Planned | None:
-        """Filter, place and skip-check one object; None when the filters leave it out of the selection."""
-        if filter_reason(obj, filters) is not None:
-            return None
-        if obj.key.endswith("/"):
-            return Planned(obj, None, DownloadResult(obj, "failed", "unsafe key: folder marker with data"))
-        if obj.storage_class in ARCHIVED_STORAGE_CLASSES:
-            return Planned(obj, None, DownloadResult(obj, "skipped", f"archived storage class ({obj.storage_class})"))
-        try:
-            target = local_path_for(root, obj.bucket, obj.key)
-        except UnsafeKeyError as exc:
-            return Planned(obj, None, DownloadResult(obj, "failed", str(exc)))
-        try:
-            local = os.lstat(target)
-        except OSError:
-            local = None
-        done = journal.completed(obj.bucket, obj.key) if journal is not None else None
-        reason = skip_reason(obj, local, done, config.overwrite_existing)
-        if reason is not None:
-            checksum = done.checksum if done is not None else None
-            if done is not None and done.version_id and not obj.version_id:
-                obj = dataclasses.replace(obj, version_id=done.version_id)
-            return Planned(obj, target, DownloadResult(obj, "skipped", reason, str(target), checksum))
-        return Planned(obj, target, None)
-
-    def _summary(
-        self,
-        tally: Tally,
-        started: float,
-        buckets: Sequence[str],
-        problems: Sequence[BucketProblem],
-        root: Path,
-        config: Config,
-        journal: ResumeJournal | None,
-        dry_run: bool,
-        stopped_reason: str | None,
-    ) -> DownloadSummary:
-        interrupted = stopped_reason == "interrupted"
-        return DownloadSummary(
-            total_files=tally.total,
-            downloaded=tally.downloaded,
-            skipped=tally.skipped,
-            failed=tally.failed,
-            total_bytes=tally.total_bytes,
-            downloaded_bytes=tally.downloaded_bytes,
-            duration_s=time.monotonic() - started,
-            failures=tuple(tally.failures),
-            skipped_reasons=dict(tally.skipped_reasons),
-            buckets=tuple(buckets),
-            bucket_problems=tuple(problems) if config.buckets else (),
-            download_dir=str(root),
-            resume_file=str(journal.path) if journal is not None else None,
-            manifest=config.manifest,
-            dry_run=dry_run,
-            interrupted=interrupted,
-            stopped_reason=None if interrupted else stopped_reason,
-        )
 
 
 def prepare_download_dir(root: Path) -> None:
@@ -4219,6 +4560,16 @@ class ManifestWriter:
     def close(self) -> None:
         with self._lock:
             self._handle.close()
+
+
+class NullManifest:
+    """The manifest of a run that writes none."""
+
+    def write(self, result: DownloadResult) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[S3Object]:
@@ -4324,17 +4675,17 @@ def demo_server() -> Iterator[str]:
 
 
 class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes through tqdm while a bar is on screen, so log lines never tear it."""
+    """Writes through tqdm once it is loaded: tqdm.write lifts any bar off the screen for the line and redraws it,
+    so log lines never tear a bar, and without a bar it is a plain write."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "file_only", False):  # already shown on the console in another form
             return None
-        if not _BAR_ACTIVE.is_set():
+        tqdm_module = sys.modules.get("tqdm")
+        if tqdm_module is None:
             return super().emit(record)
         try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm_module.tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
 
@@ -4344,7 +4695,7 @@ LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 @contextlib.contextmanager
-def cli_logging(level: int, log_file: str | None) -> Iterator[None]:
+def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilter) -> Iterator[None]:
     """Console and file handlers for one CLI run, removed afterwards (main() may be called many times)."""
     root = logging.getLogger()
     handlers: list[logging.Handler] = []
@@ -4361,7 +4712,7 @@ def cli_logging(level: int, log_file: str | None) -> Iterator[None]:
         file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
         handlers.append(file_handler)
     for handler in handlers:
-        handler.addFilter(REDACTOR)
+        handler.addFilter(redactor)
         root.addHandler(handler)
     previous_level = root.level
     root.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.INFO)
@@ -4475,25 +4826,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else (logging.ERROR if config.quiet else logging.INFO)
     if args.json and not args.verbose:
         level = max(level, logging.WARNING)
+    downloader = AWSDataDownloader(config)
     try:
-        with cli_logging(level, config.log_file or None):
-            return _run_cli(args, config)
+        with cli_logging(level, config.log_file or None, downloader.redactor):
+            return _run_cli(args, downloader)
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
-def _run_cli(args: argparse.Namespace, config: Config) -> int:
+def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
     """Run once with logging set up; translate the outcome to output and an exit code."""
+    config = downloader.config
     if args.access_key or args.secret_key or args.session_token:
-        REDACTOR.add(args.secret_key)
-        REDACTOR.add(args.session_token)
-        REDACTOR.add(args.access_key, mask_access_key(args.access_key))
+        downloader.redactor.add_credentials(args.access_key, args.secret_key, args.session_token)
         log.warning(
             "Credentials given on the command line are visible to other users of this machine (ps); "
             "prefer AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile"
         )
-    downloader = AWSDataDownloader(config)
     previous = _install_signal_handlers(downloader)
     summary: DownloadSummary | None = None
     code = EXIT_OK
@@ -4514,7 +4864,7 @@ def _run_cli(args: argparse.Namespace, config: Config) -> int:
         # The console gets the one "Error: ..." line; the log file keeps the timestamped record.
         log.error("%s", exc, extra={"file_only": shown})
         if shown:
-            print(f"Error: {REDACTOR.redact(str(exc))}", file=sys.stderr)
+            print(f"Error: {downloader.redactor.redact(str(exc))}", file=sys.stderr)
         summary = exc.summary
         code = exc.exit_code
     finally:
@@ -4533,7 +4883,7 @@ def _install_signal_handlers(downloader: AWSDataDownloader) -> dict[int, Any]:
         return {}
 
     def handler(signum: int, frame: Any) -> None:
-        if downloader._stop.is_set():
+        if downloader.stopping:
             os.write(2, b"Second interrupt: exiting now; a re-run continues from the resume journal.\n")
             os._exit(EXIT_INTERRUPTED)
         downloader.stop("interrupted")

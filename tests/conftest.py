@@ -402,3 +402,18 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def fake_engine(monkeypatch: pytest.MonkeyPatch):
+    """Install a FakeEngine (tests/fakeengine.py) for every run in the test: call it with the buckets."""
+    from fakeengine import FakeEngine
+
+    import aws_data_downloader as adl
+
+    def install(buckets: dict[str, dict[str, bytes]], page_size: int = 1000) -> FakeEngine:
+        engine = FakeEngine(buckets, page_size)
+        monkeypatch.setattr(adl, "make_engine", lambda session, clients, config: engine)
+        return engine
+
+    return install

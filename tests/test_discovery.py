@@ -84,16 +84,21 @@ def test_the_api_raises_the_same_error_instead_of_exiting(s3: S3Server) -> None:
     assert caught.value.exit_code == adl.EXIT_CREDENTIALS
 
 
-def test_discover_buckets_against_the_server(s3: S3Server) -> None:
+@pytest.mark.parametrize("engine", ["http", "boto3"])
+def test_discover_buckets_against_the_server(s3: S3Server, engine: str) -> None:
     s3.make_bucket("here-bkt")
-    config = adl.build_config({"endpoint_url": s3.endpoint})
-    client = adl.make_client(adl.make_session(config, adl.Credentials()), config)
-    regions: dict[str, str] = {}
-    accessible, problems = adl.discover_buckets(client, ["here-bkt", "here-bkt", "away-bkt"], regions)
+    config = adl.build_config({"endpoint_url": s3.endpoint, "engine": engine})
+    session = adl.make_session(config, adl.Credentials(), adl.SecretRedactingFilter())
+    clients = adl.SharedClient(session, config)
+    requests = adl.make_engine(session, clients, config)
+
+    def attempts(what: str) -> adl.Attempts:
+        return adl.Attempts(what, config)
+
+    accessible, problems = adl.discover_buckets(requests, ["here-bkt", "here-bkt", "away-bkt"], attempts)
     assert accessible == ["here-bkt"]
     assert problems == [adl.BucketProblem("away-bkt", "bucket 'away-bkt' does not exist")]
-    assert regions == {"here-bkt": "us-east-1"}
-    assert adl.discover_buckets(client, []) == (["here-bkt"], [])
+    assert adl.account_buckets(clients.get(), attempts) == ["here-bkt"]
 
 
 # -- SeaweedFS checks signatures and permissions -------------------------------------------------------------

@@ -100,23 +100,20 @@ def test_precheck_counts_only_what_is_left_to_fetch(
 
 
 def test_precheck_refuses_before_writing_when_the_listing_has_many_pages(
-    s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch, fake_engine
 ) -> None:
-    files = seed(s3)
-    real_pages = adl.AWSDataDownloader._pages
-
-    def one_object_per_page(*args, **kwargs):  # a listing of many pages, as a bucket of >1,000 objects has
-        for page in real_pages(*args, **kwargs):
-            for obj in page:
-                yield [obj]
-
-    monkeypatch.setattr(adl.AWSDataDownloader, "_pages", one_object_per_page)
+    """A listing of many pages (as a bucket of >1,000 objects has): the first pages are checked together."""
+    files = {f"img/{n:02d}.bin": bytes([n]) * (200 * 1024) for n in range(8)}
+    engine = fake_engine({BUCKET: files}, page_size=1)
     fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1 * MiB)
     download_dir = tmp_path / "data"
-    code, _out, _err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), *s3.args())
-    assert code == adl.EXIT_NO_SPACE
-    assert set(files)
-    assert objects_on_disk(download_dir) == {}, "the pre-check let the first pages download"
+    code, _out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
+    assert code == adl.EXIT_NO_SPACE, err
+    assert len([r for r in engine.requests if r.method == "LIST"]) == len(files), "one object per page"
+    assert engine.gets("img/00.bin") == [], "the pre-check let the first pages download"
+    assert objects_on_disk(download_dir) == {}
+    [line] = error_lines(err)
+    assert f"needs {adl.format_size(sum(map(len, files.values())))}" in line
 
 
 # -- the disk fills mid-run -----------------------------------------------------------------------------------

@@ -171,11 +171,12 @@ class _ChangingEngine:
         self.new_body = new_body
         self.changed = False
 
-    def get(self, obj, byte_range=None, if_match=None, checksum_mode=False):
+    def get(self, obj, request):
         if not self.changed:
             self.changed = True
             raise adl.ObjectChanged(obj.key)
-        assert if_match == hashlib.md5(self.new_body).hexdigest()
+        assert request.headers["if-match"] == f'"{hashlib.md5(self.new_body).hexdigest()}"'
+
         body = self.new_body
 
         class Body:
@@ -194,16 +195,21 @@ class _ChangingEngine:
 
         return Body()
 
-    def head(self, obj):
-        return adl.S3Object(obj.bucket, obj.key, len(self.new_body), hashlib.md5(self.new_body).hexdigest(), 0.0)
+    def head(self, obj, request):
+        return {
+            "content-length": str(len(self.new_body)),
+            "etag": f'"{hashlib.md5(self.new_body).hexdigest()}"',
+            "last-modified": "Wed, 02 Dec 2026 10:00:00 GMT",
+        }
 
 
 @pytest.mark.parametrize("pinned", [False, True])
 def test_a_changed_object_is_refetched_in_normal_runs_and_fails_in_manifest_runs(tmp_path: Path, pinned: bool) -> None:
     old, new = b"old bytes", b"new bytes, longer"
     obj = adl.S3Object("b", "k.txt", len(old), hashlib.md5(old).hexdigest(), 0.0)
+    journal = adl.ResumeJournal(tmp_path / "download_resume.json")
     transfer = adl.Transfer(
-        _ChangingEngine(new), adl.Config(), None, None, threading.Event(), root=tmp_path, pinned=pinned
+        _ChangingEngine(new), adl.Config(), journal, None, threading.Event(), root=tmp_path, pinned=pinned
     )
     result = transfer.download(obj, tmp_path / "b" / "k.txt")
     if pinned:

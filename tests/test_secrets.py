@@ -3,7 +3,7 @@ came on the command line or from the environment; the access key id shows only m
 
 moto accepts any credentials, so the runs are real: botocore's own DEBUG output (request headers with
 X-Amz-Security-Token, canonical requests, presigned URLs) passes through the CLI's handlers. Each test makes
-its own random secrets: adl.REDACTOR is process-wide and keeps what earlier tests registered.
+its own random secrets, so no value an earlier test used can make a leak look masked.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_credentials_repr_and_errors_hide_secrets() -> None:
     shown = repr(adl.Credentials(access_key, secret_key, token)) + str(adl.Credentials(access_key, secret_key, token))
     assert_no_secret({"repr": shown}, access_key, secret_key, token)
     try:
-        adl.make_session(adl.Config(), adl.Credentials(None, secret_key, token))
+        adl.make_session(adl.Config(), adl.Credentials(None, secret_key, token), adl.SecretRedactingFilter())
     except adl.CredentialsError as exc:
         assert_no_secret({"error": str(exc)}, access_key, secret_key, token)
     else:
@@ -121,7 +121,7 @@ def test_redactor_masks_url_encoded_and_json_escaped_forms() -> None:
 def test_environment_secrets_never_leak_in_debug_output(s3: S3Server, tmp_path: Path) -> None:
     """Secrets the tool did not receive explicitly (environment) are still masked in botocore's debug lines.
 
-    A subprocess, so no earlier test's registration with the process-wide REDACTOR can hide a leak.
+    A subprocess, so nothing an earlier test set up in this process can hide a leak.
     """
     seed(s3)
     access_key, secret_key, token = make_secrets()

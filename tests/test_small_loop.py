@@ -684,11 +684,28 @@ class LoopRun:
         self.results: list[adl.DownloadResult] = []
         self.fallbacks: list[tuple[str, BaseException | None]] = []
         engine, transfer = StubEngine(port, scheme), self.transfer
-        self.loop = adl.SmallObjectLoop(engine, transfer, self.results.append, self._fallback)  # type: ignore[arg-type]
+        self.loop = adl.SmallObjectLoop(
+            engine,  # type: ignore[arg-type]
+            transfer.config,
+            transfer.stop,
+            self._deliver,
+            self._fallback,
+            self._interrupted,
+        )
         self._closer: threading.Thread | None = None
+
+    def _deliver(self, planned: adl.Planned, headers: dict[str, str], body: bytes) -> None:
+        """As the run does it: store the body, or hand the object over with why storing failed."""
+        try:
+            self.results.append(self.transfer.store_small(planned.obj, planned.target, headers, body))
+        except Exception as exc:
+            self._fallback(planned, exc)
 
     def _fallback(self, planned: adl.Planned, exc: BaseException | None) -> None:
         self.fallbacks.append((planned.obj.key, exc))
+
+    def _interrupted(self, planned: adl.Planned) -> None:
+        self.results.append(adl.DownloadResult(planned.obj, "interrupted", "stopped"))
 
     def run(self, within: float = 5.0) -> float:
         """Submit every object and close(); returns the seconds that took (see close())."""

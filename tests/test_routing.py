@@ -1,0 +1,119 @@
+"""Pure decisions of the transfer: which path fetches an object, how it is cut into parts, which checksum
+verifies it. No server: these are the rules the server-backed tests then see in action."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+
+import pytest
+
+import aws_data_downloader as adl
+
+KiB = 1024
+MiB = 1024 * KiB
+MD5 = "0123456789abcdef0123456789abcdef"
+
+
+def obj(size: int, etag: str = MD5) -> adl.S3Object:
+    return adl.S3Object("bkt", "k", size, etag, 0.0)
+
+
+DEFAULTS = adl.build_config({})
+UNVERIFIED = adl.build_config({"verify_checksums": False})
+
+
+@pytest.mark.parametrize(
+    ("size", "etag", "config", "small_loop", "path", "own_parts"),
+    [
+        (0, MD5, DEFAULTS, True, "loop", False),
+        (256 * KiB, MD5, DEFAULTS, True, "loop", False),
+        (256 * KiB + 1, MD5, DEFAULTS, True, "stream", False),
+        (10 * KiB, MD5, DEFAULTS, False, "stream", False),  # boto3 engine: no loop
+        (10 * KiB, f"{MD5}-2", DEFAULTS, True, "parts", True),  # a multipart ETag is verified by its parts
+        (10 * KiB, f"{MD5}-2", UNVERIFIED, True, "loop", False),
+        (16 * MiB - 1, MD5, DEFAULTS, True, "stream", False),
+        (16 * MiB, MD5, DEFAULTS, True, "stream", False),  # large, verified by MD5: one hashed stream
+        (16 * MiB, MD5, UNVERIFIED, True, "parts", False),  # large, unverified: ranged parts
+        (64 * MiB, f"{MD5}-8", DEFAULTS, True, "parts", True),
+        (64 * MiB, f"{MD5}-8", UNVERIFIED, True, "parts", False),
+        (10 * KiB, MD5, adl.build_config({"small_object_kb": 0}), True, "stream", False),
+        (12 * KiB, MD5, adl.build_config({"small_object_kb": 16, "multipart_threshold_mb": 1}), True, "loop", False),
+        (2 * MiB, MD5, adl.build_config({"small_object_kb": 4096, "multipart_threshold_mb": 1}), True, "stream", False),
+    ],
+)
+def test_route_for(size: int, etag: str, config: adl.Config, small_loop: bool, path: str, own_parts: bool) -> None:
+    route = adl.route_for(obj(size, etag), config, small_loop)
+    assert (route.path, route.own_parts) == (path, own_parts), route.why
+    assert route.why
+
+
+def test_an_object_from_the_multipart_threshold_up_never_takes_the_loop() -> None:
+    """A large object keeps its resume checkpoints or ranged parts, whatever small_object_kb says."""
+    config = adl.build_config({"small_object_kb": 16384, "multipart_threshold_mb": 1})
+    assert adl.route_for(obj(1 * MiB - 1), config, True).path == "loop"
+    assert adl.route_for(obj(1 * MiB), config, True).path == "stream"
+
+
+@pytest.mark.parametrize(
+    ("size", "part_sizes", "expected"),
+    [
+        (10, 4, [(0, 0, 3), (1, 4, 7), (2, 8, 9)]),
+        (8, 4, [(0, 0, 3), (1, 4, 7)]),
+        (3, 4, [(0, 0, 2)]),
+        (0, 4, []),
+        (12, [6, 5, 1], [(0, 0, 5), (1, 6, 10), (2, 11, 11)]),
+    ],
+)
+def test_plan_parts(size: int, part_sizes: int | list[int], expected: list[tuple[int, int, int]]) -> None:
+    parts = adl.plan_parts(size, part_sizes)
+    assert [(p.index, p.start, p.end) for p in parts] == expected
+    assert sum(p.size for p in parts) == size
+
+
+def test_part_sizes_that_do_not_add_up_are_refused() -> None:
+    with pytest.raises(ValueError, match="do not add up"):
+        adl.plan_parts(12, [6, 5])
+
+
+def test_choose_hasher_prefers_a_full_object_s3_checksum() -> None:
+    body = b"road image bytes"
+    crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    hasher = adl.choose_hasher(obj(len(body), hashlib.md5(body).hexdigest()), {"x-amz-checksum-crc32": crc}, True)
+    assert hasher is not None and hasher.algorithm == "crc32"
+    hasher.update(body)
+    assert hasher.verify() == f"crc32:{crc}"
+
+
+def test_choose_hasher_falls_back_to_the_md5_etag_and_catches_a_flipped_byte() -> None:
+    body = b"road image bytes"
+    hasher = adl.choose_hasher(obj(len(body), hashlib.md5(body).hexdigest()), {}, True)
+    assert hasher is not None and hasher.algorithm == "md5"
+    hasher.update(body[:-1] + b"X")
+    with pytest.raises(adl.ChecksumMismatch):
+        hasher.verify()
+
+
+def test_choose_hasher_skips_composite_checksums() -> None:
+    headers = {"x-amz-checksum-crc32": "AAAAAA==-3", "x-amz-checksum-type": "COMPOSITE"}
+    hasher = adl.choose_hasher(obj(5, MD5), headers, True)
+    assert hasher is not None and hasher.algorithm == "md5"
+
+
+@pytest.mark.parametrize(
+    ("headers", "etag", "note"),
+    [
+        ({"x-amz-server-side-encryption": "aws:kms"}, MD5, "SSE-KMS"),
+        ({"x-amz-server-side-encryption-customer-algorithm": "AES256"}, MD5, "SSE-C"),
+        ({}, "not-an-md5", "is not an MD5"),
+    ],
+)
+def test_choose_hasher_records_what_cannot_be_verified(headers: dict[str, str], etag: str, note: str) -> None:
+    hasher = adl.choose_hasher(obj(5, etag), headers, True)
+    assert hasher is not None and hasher.algorithm == "unverifiable"
+    assert note in hasher.verify()
+
+
+def test_choose_hasher_is_none_without_verification() -> None:
+    assert adl.choose_hasher(obj(5), {"x-amz-checksum-crc32": "AAAAAA=="}, False) is None
