@@ -19,8 +19,9 @@ A resume journal (``download_resume.json``) lets a re-run skip what is done and 
 the parts already on disk.
 
 The file reads top to bottom in the order data flows: errors -> config -> session/credentials -> S3 requests
-(the engines) -> bucket discovery -> streaming listing -> filters -> local-path plan -> transfer -> verification
--> resume journal -> progress/summary -> run guards -> the downloader -> manifest -> demo -> CLI.
+(the engines, the small-object loop) -> retries -> bucket discovery -> streaming listing -> filters -> local-path
+plan -> transfer (route_for, Transfer) -> verification -> resume journal -> progress/summary -> run guards -> the
+downloader (one _Run per run) -> manifest -> demo -> CLI.
 """
 
 from __future__ import annotations
@@ -795,10 +796,12 @@ def credentials_problem(exc: BaseException) -> str | None:
 ###############################################################################
 # S3 requests: the engines
 ###############################################################################
-# Every request after the session is made goes through an Engine: listing pages, GETs (whole, ranged, with
-# If-Match) and part sizes. HttpEngine is the default and the fast one: a minimal HTTP/1.1 client with a
-# keep-alive connection per worker thread and a SigV4 signer that caches the day's key, while credentials,
-# endpoint, addressing style and region still come from botocore. Boto3Engine sends the same requests through
+# Every request after the session is made goes through an Engine, which sends it once: listing pages, bucket
+# HEADs, object GETs (whole, ranged, with If-Match) and HEADs. One place builds a request (object_request) and one
+# reads its answer (classify_response), for every engine and the small-object loop alike. HttpEngine is the
+# default and the fast one: a minimal HTTP/1.1 client with a keep-alive connection per worker thread and a SigV4
+# signer that caches the day's key, while credentials, endpoint, addressing style and region still come from
+# botocore; SmallObjectLoop multiplexes its small GETs on one thread. Boto3Engine sends the same requests through
 # the shared boto3 client; it is used behind an HTTP proxy, or when the config asks for it.
 
 

@@ -41,6 +41,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOL_SCRIPT = REPO / "aws_data_downloader.py"
+#: --baseline: another copy of the script (e.g. from an earlier commit), run as tool "adl-baseline".
+BASELINE_SCRIPT: Path | None = None
 REQUIREMENTS = HERE / "requirements.txt"
 KiB = 1024
 MiB = 1024 * KiB
@@ -504,8 +506,9 @@ class Run:
 def tool_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, prefix: str, dest: Path) -> list[str]:
     """The command line for one tool downloading s3://bucket/prefix into dest/bucket/prefix (default settings)."""
     target = dest / bucket
-    if tool in ("adl", "adl-noverify"):
-        command = [sys.executable, str(TOOL_SCRIPT), "--buckets", bucket, "--download-dir", str(dest)]
+    if tool in ("adl", "adl-noverify", "adl-baseline"):
+        script = BASELINE_SCRIPT if tool == "adl-baseline" else TOOL_SCRIPT
+        command = [sys.executable, str(script), "--buckets", bucket, "--download-dir", str(dest)]
         command += ["--endpoint-url", endpoint, "--quiet", "--json"]
         if prefix:
             command += ["--prefixes", prefix]
@@ -884,10 +887,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full-check", choices=["first", "all"], default="first", help="md5 every file in the first rep or in all reps"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another aws_data_downloader.py (e.g. `git show OLD:aws_data_downloader.py > /tmp/old.py`), "
+        "run with defaults as tool adl-baseline, interleaved with the others",
+    )
     args = parser.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.tools = [t for t in args.tools.split(",") if t]
-    for value, allowed in ((args.workloads, ALL_WORKLOADS), (args.tools, ALL_TOOLS)):
+    if args.baseline is not None:
+        if not args.baseline.is_file():
+            parser.error(f"--baseline {args.baseline}: no such file")
+        global BASELINE_SCRIPT
+        BASELINE_SCRIPT = args.baseline.resolve()
+        args.tools.append("adl-baseline")
+    for value, allowed in ((args.workloads, ALL_WORKLOADS), (args.tools, [*ALL_TOOLS, "adl-baseline"])):
         unknown = set(value) - set(allowed)
         if unknown:
             parser.error(f"unknown: {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
