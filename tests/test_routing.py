@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import zlib
 
 import pytest
@@ -24,36 +25,70 @@ DEFAULTS = adl.build_config({})
 UNVERIFIED = adl.build_config({"verify_checksums": False})
 
 
+#: HEAD answers, as route_for sees them once a "head" route asked: no checksum, a full-object CRC64NVME, a
+#: composite CRC32C (a checksum of part checksums: not of the bytes) and a full-object SHA-256.
+NONE: dict[str, str] = {}
+CRC64 = {"x-amz-checksum-crc64nvme": "uT8sd9RjkJg=", "x-amz-checksum-type": "FULL_OBJECT"}
+COMPOSITE = {"x-amz-checksum-crc32c": "fW9/vg==-3", "x-amz-checksum-type": "COMPOSITE"}
+SHA256 = {"x-amz-checksum-sha256": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg="}
+
+
 @pytest.mark.parametrize(
-    ("size", "etag", "config", "small_loop", "path", "own_parts"),
+    ("size", "etag", "config", "small_loop", "head", "path", "own_parts"),
     [
-        (0, MD5, DEFAULTS, True, "loop", False),
-        (256 * KiB, MD5, DEFAULTS, True, "loop", False),
-        (256 * KiB + 1, MD5, DEFAULTS, True, "stream", False),
-        (10 * KiB, MD5, DEFAULTS, False, "stream", False),  # boto3 engine: no loop
-        (10 * KiB, f"{MD5}-2", DEFAULTS, True, "parts", True),  # a multipart ETag is verified by its parts
-        (10 * KiB, f"{MD5}-2", UNVERIFIED, True, "loop", False),
-        (16 * MiB - 1, MD5, DEFAULTS, True, "stream", False),
-        (16 * MiB, MD5, DEFAULTS, True, "stream", False),  # large, verified by MD5: one hashed stream
-        (16 * MiB, MD5, UNVERIFIED, True, "parts", False),  # large, unverified: ranged parts
-        (64 * MiB, f"{MD5}-8", DEFAULTS, True, "parts", True),
-        (64 * MiB, f"{MD5}-8", UNVERIFIED, True, "parts", False),
-        (10 * KiB, MD5, adl.build_config({"small_object_kb": 0}), True, "stream", False),
-        (12 * KiB, MD5, adl.build_config({"small_object_kb": 16, "multipart_threshold_mb": 1}), True, "loop", False),
-        (2 * MiB, MD5, adl.build_config({"small_object_kb": 4096, "multipart_threshold_mb": 1}), True, "stream", False),
+        (0, MD5, DEFAULTS, True, None, "loop", False),
+        (256 * KiB, MD5, DEFAULTS, True, None, "loop", False),
+        (256 * KiB + 1, MD5, DEFAULTS, True, None, "stream", False),
+        (10 * KiB, MD5, DEFAULTS, False, None, "stream", False),  # boto3 engine: no loop
+        (16 * MiB - 1, MD5, DEFAULTS, True, None, "stream", False),
+        (10 * KiB, MD5, adl.build_config({"small_object_kb": 0}), True, None, "stream", False),
+        (
+            12 * KiB,
+            MD5,
+            adl.build_config({"small_object_kb": 16, "multipart_threshold_mb": 1}),
+            True,
+            None,
+            "loop",
+            False,
+        ),
+        # Unverified: the size alone decides.
+        (10 * KiB, f"{MD5}-2", UNVERIFIED, True, None, "loop", False),
+        (16 * MiB, MD5, UNVERIFIED, True, None, "parts", False),
+        (64 * MiB, f"{MD5}-8", UNVERIFIED, True, None, "parts", False),
+        # Verified, large or multipart: ask first, then the checksum the object carries decides.
+        (16 * MiB, MD5, DEFAULTS, True, None, "head", False),
+        (10 * KiB, f"{MD5}-2", DEFAULTS, True, None, "head", False),
+        (16 * MiB, MD5, DEFAULTS, True, NONE, "stream", False),  # MD5 only: one hashed stream
+        (16 * MiB, MD5, DEFAULTS, True, CRC64, "parts", False),  # a CRC: ranges in parallel, CRCs combined
+        (16 * MiB, MD5, DEFAULTS, True, SHA256, "stream", False),  # a SHA cannot be combined
+        (64 * MiB, f"{MD5}-8", DEFAULTS, True, NONE, "parts", True),  # the part MD5s rebuild the ETag
+        (64 * MiB, f"{MD5}-8", DEFAULTS, True, CRC64, "parts", False),  # its own part sizes are not needed
+        (64 * MiB, f"{MD5}-8", DEFAULTS, True, COMPOSITE, "parts", True),  # composite: the ETag verifies it
+        (10 * KiB, f"{MD5}-2", DEFAULTS, True, NONE, "parts", True),
+        (10 * KiB, f"{MD5}-2", DEFAULTS, True, CRC64, "stream", False),  # small: one GET verified by the CRC
     ],
 )
-def test_route_for(size: int, etag: str, config: adl.Config, small_loop: bool, path: str, own_parts: bool) -> None:
-    route = adl.route_for(obj(size, etag), config, small_loop)
+def test_route_for(
+    size: int,
+    etag: str,
+    config: adl.Config,
+    small_loop: bool,
+    head: dict[str, str] | None,
+    path: str,
+    own_parts: bool,
+) -> None:
+    route = adl.route_for(obj(size, etag), config, small_loop, head)
     assert (route.path, route.own_parts) == (path, own_parts), route.why
     assert route.why
+    assert (route.checksum is not None) == (path == "parts" and head is CRC64)
 
 
 def test_an_object_from_the_multipart_threshold_up_never_takes_the_loop() -> None:
     """A large object keeps its resume checkpoints or ranged parts, whatever small_object_kb says."""
     config = adl.build_config({"small_object_kb": 16384, "multipart_threshold_mb": 1})
     assert adl.route_for(obj(1 * MiB - 1), config, True).path == "loop"
-    assert adl.route_for(obj(1 * MiB), config, True).path == "stream"
+    assert adl.route_for(obj(1 * MiB), config, True).path == "head"
+    assert adl.route_for(obj(1 * MiB), config, True, {}).path == "stream"
 
 
 @pytest.mark.parametrize(
@@ -117,3 +152,26 @@ def test_choose_hasher_records_what_cannot_be_verified(headers: dict[str, str], 
 
 def test_choose_hasher_is_none_without_verification() -> None:
     assert adl.choose_hasher(obj(5), {"x-amz-checksum-crc32": "AAAAAA=="}, False) is None
+
+
+def test_full_checksum_takes_the_cheapest_full_object_one() -> None:
+    headers = {"x-amz-checksum-sha256": "c2hh", "x-amz-checksum-crc32": "Y3JjMzI=", "x-amz-checksum-crc64nvme": "Y3Jj"}
+    assert adl.full_checksum(headers) == adl.FullChecksum("crc64nvme", "Y3Jj")
+    assert adl.full_checksum(COMPOSITE) is None
+    assert adl.full_checksum({"x-amz-checksum-crc32": "AAAAAA==-2"}) is None
+    assert adl.full_checksum({}) is None
+
+
+@pytest.mark.parametrize("name", ["crc64nvme", "crc32c", "crc32"])
+def test_crcs_of_ranges_combine_into_the_whole_objects(name: str) -> None:
+    import random
+
+    body = random.Random(4).randbytes(100_000)
+    crc = adl.crc_function(name)
+    cuts = [0, 1, 4096, 33_333, 99_999, 100_000]
+    pieces = [(crc(body[a:b], 0), b - a) for a, b in itertools.pairwise(cuts)]
+    assert adl.combine_crcs(name, pieces) == crc(body, 0)
+    hasher = adl.PartHash(name)
+    hasher.update(body[:500])
+    hasher.update(body[500:])
+    assert hasher.text() == f"{name}:{crc(body, 0):x}"
