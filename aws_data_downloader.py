@@ -48,6 +48,7 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import sys
 import threading
 import time
@@ -2813,13 +2814,13 @@ def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
     return parts
 
 
-def _hash_file_prefix(path: Path, length: int, hasher: StreamHasher) -> None:
-    """Feed the first ``length`` bytes a previous run wrote into ``hasher``: the one read of those bytes."""
+def _hash_file_range(path: Path, start: int, length: int, hasher: StreamHasher | PartHash) -> None:
+    """Feed ``length`` bytes from ``start`` that an earlier run wrote into ``hasher``: the one read of them."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
     try:
-        offset = 0
-        while offset < length:
-            chunk = os.pread(fd, min(MiB, length - offset), offset)
+        offset, end = start, start + length
+        while offset < end:
+            chunk = os.pread(fd, min(MiB, end - offset), offset)
             if not chunk:
                 raise ConnectionError("the partial file is shorter than its journal says")
             hasher.update(chunk)
@@ -2842,20 +2843,50 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 class _Checkpoints:
-    """Journals each part boundary a large stream passes, so a re-run resumes from the last one."""
+    """Journals each part boundary a large stream passes, and the bytes written inside the part it is in (a
+    progress slot), so a re-run resumes from the last byte on disk."""
 
     def __init__(self, journal: ResumeJournal, obj: S3Object, parts: list[Part], offset: int) -> None:
         self.journal = journal
         self.obj = obj
         self.parts = parts
         self.layout = [part.size for part in parts]
-        #: The first part whose end the stream has not passed yet.
+        #: The first part whose end the stream has not passed yet, and its progress slot.
         self.next = sum(1 for part in parts if part.end < offset)
+        self.ident = b""
+        self.slot = -1
+        self._claim()
+
+    def _claim(self) -> None:
+        if self.next < len(self.parts):
+            self.ident = part_ident(self.obj, self.layout, self.next, "stream")
+            self.slot = self.journal.progress.claim(self.ident)
 
     def __call__(self, offset: int) -> None:
         while self.next < len(self.parts) and self.parts[self.next].end < offset:
             self.journal.record_part(self.obj, self.layout, self.next, "")
+            self.journal.progress.release(self.ident)
             self.next += 1
+            self._claim()
+        if self.next < len(self.parts):
+            self.journal.progress.update(self.slot, self.ident, offset - self.parts[self.next].start, 0)
+
+    def close(self) -> None:
+        """The stream is whole: nothing of it needs resuming."""
+        if self.next < len(self.parts):
+            self.journal.progress.release(self.ident)
+
+
+@dataclass(frozen=True, slots=True)
+class _PartsJob:
+    """One object being fetched in parts: where its bytes go, and how each part is hashed."""
+
+    obj: S3Object
+    fd: int  #: the temp file, open for writing
+    temp: Path
+    layout: list[int]  #: the part sizes, as the journal keys the object's progress
+    kind: str  #: the PartHash kind: "md5", a CRC name, or "" (unverified)
+    kept: bool  #: the temp file holds an earlier attempt's bytes (its progress slots can be trusted)
 
 
 class Transfer:
@@ -3100,6 +3131,8 @@ class Transfer:
             hasher = self._resumed_hasher(obj, temp, written)
             checkpoint = _Checkpoints(self.journal, obj, parts, written) if parts else None
             hasher, fetched = self._stream_into(obj, fd, written, hasher, checkpoint, tries)
+            if checkpoint is not None:
+                checkpoint.close()
             checksum = hasher.verify() if hasher else None
             os.close(fd)
             fd = -1
@@ -3119,7 +3152,7 @@ class Transfer:
             return None
         hasher = choose_hasher(obj, {}, self.config.verify_checksums)
         if hasher is not None:
-            _hash_file_prefix(temp, written, hasher)
+            _hash_file_range(temp, 0, written, hasher)
         log.info("Resuming %s at byte %s of %s", self._what(obj), f"{written:,}", f"{obj.size:,}")
         return hasher
 
@@ -3195,15 +3228,22 @@ class Transfer:
         return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1)
 
     def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
-        """For a large object: its checkpoint parts and how many bytes a previous run left verified-in-order."""
+        """For a large object: its checkpoint parts and how many bytes an earlier run left on disk in order (the
+        journaled part boundaries, plus what the progress slot says of the part after them)."""
         if obj.size < self.config.multipart_threshold:
             return [], 0
         parts = plan_parts(obj.size, self.config.part_size)
-        done = self.journal.partial_parts(obj, [part.size for part in parts])
-        contiguous = 0
-        while contiguous in done:
-            contiguous += 1
-        offset = parts[contiguous - 1].end + 1 if contiguous else 0
+        layout = [part.size for part in parts]
+        offset = 0
+        if self.journal.has_partial(obj, layout):
+            done = self.journal.partial_parts(obj, layout)
+            contiguous = 0
+            while contiguous in done:
+                contiguous += 1
+            offset = parts[contiguous - 1].end + 1 if contiguous else 0
+            kept = self.journal.progress.kept(part_ident(obj, layout, contiguous, "stream"))
+            if kept is not None and contiguous < len(parts) and kept[0] < parts[contiguous].size:
+                offset += kept[0]
         try:
             info = os.lstat(temp)
         except OSError:
@@ -3212,6 +3252,7 @@ class Transfer:
             offset = 0
         if offset == 0:
             self.journal.drop_partial(obj)
+            self.journal.begin_parts(obj, layout)
         return parts, offset
 
     def _copy_body(
@@ -3250,19 +3291,21 @@ class Transfer:
         return offset, got, None
 
     def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part], route: Route) -> tuple[str | None, int]:
-        """Ranged GETs in parallel into a preallocated temp file; done parts survive a crash via the journal."""
+        """Ranged GETs in parallel into a preallocated temp file; parts done, and the bytes on disk inside the
+        parts in flight, survive a crash via the journal and its progress slots."""
         temp = temp_path_for(target, obj.key)
         layout = [part.size for part in parts]
         kind = route.checksum.algorithm if route.checksum else ("md5" if self.config.verify_checksums else "")
-        done = self._parts_on_disk(obj, temp, layout, kind)
-        fd = self._open_temp(temp, keep=bool(done))
+        done, kept = self._parts_on_disk(obj, temp, layout, kind)
+        fd = self._open_temp(temp, keep=kept)
         try:
-            if not done:
+            if not kept:
                 self._preallocate(fd, obj.size)
-            else:
+                self.journal.begin_parts(obj, layout)
+            elif done:
                 log.info("Resuming %s: %d of %d parts already on disk", self._what(obj), len(done), len(parts))
-            todo = [part for part in parts if part.index not in done]
-            fetched = self._fetch_missing_parts(obj, fd, todo, done, (layout, kind))
+            job = _PartsJob(obj, fd, temp, layout, kind, kept)
+            fetched = self._fetch_missing_parts(job, [part for part in parts if part.index not in done], done)
             os.close(fd)
             fd = -1
             checksum = self._parts_checksum(obj, parts, done, route)
@@ -3272,18 +3315,19 @@ class Transfer:
             if fd >= 0:
                 os.close(fd)
 
-    def _parts_on_disk(self, obj: S3Object, temp: Path, layout: list[int], kind: str) -> dict[int, str]:
-        """Parts a previous attempt or run left in the temp file with the digest this fetch needs (index -> digest
-        as PartHash.text() writes it); none if the file is gone."""
+    def _parts_on_disk(self, obj: S3Object, temp: Path, layout: list[int], kind: str) -> tuple[dict[int, str], bool]:
+        """The parts an earlier attempt or run left in the temp file with the digest this fetch needs (index ->
+        digest as PartHash.text() writes it), and whether that temp file is kept at all."""
         done = self.journal.partial_parts(obj, layout)
         if kind == "md5":  # parts fetched unverified carry no MD5, parts of a CRC fetch no MD5 either
             done = {index: digest for index, digest in done.items() if digest and ":" not in digest}
         elif kind:
             done = {index: digest for index, digest in done.items() if digest.startswith(kind + ":")}
-        if done and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size:
-            return done
+        began = self.journal.has_partial(obj, layout)
+        if began and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size:
+            return done, True
         self.journal.drop_partial(obj)
-        return {}
+        return {}, False
 
     @staticmethod
     def _preallocate(fd: int, size: int) -> None:
@@ -3294,18 +3338,15 @@ class Transfer:
                 raise DiskFull(str(exc)) from None
             raise
 
-    def _fetch_missing_parts(
-        self, obj: S3Object, fd: int, todo: list[Part], done: dict[int, str], layout: tuple[list[int], str]
-    ) -> int:
-        """Fetch ``todo``, in parallel when there is a part pool, adding each part's digest to ``done``;
-        ``layout`` is (the part sizes, the digest kind)."""
+    def _fetch_missing_parts(self, job: _PartsJob, todo: list[Part], done: dict[int, str]) -> int:
+        """Fetch ``todo``, in parallel when there is a part pool, adding each part's digest to ``done``."""
         if self.part_pool is None or len(todo) <= 1:
             fetched = 0
             for part in todo:
-                done[part.index], got = self._fetch_part(obj, fd, part, layout)
+                done[part.index], got = self._fetch_part(job, part)
                 fetched += got
             return fetched
-        futures = [self.part_pool.submit(self._fetch_part, obj, fd, part, layout) for part in todo]
+        futures = [self.part_pool.submit(self._fetch_part, job, part) for part in todo]
         fetched, error = 0, None
         for part, future in zip(todo, futures, strict=True):
             try:
@@ -3343,17 +3384,25 @@ class Transfer:
             return verify_multipart_etag(obj.etag, digests)
         return verify_md5(obj.etag, digests[0]) if len(parts) == 1 else None
 
-    def _fetch_part(self, obj: S3Object, fd: int, part: Part, layout: tuple[list[int], str]) -> tuple[str, int]:
-        """One ranged GET (resumed within the part on a body fault), hashed as it streams, then journaled."""
-        sizes, kind = layout
-        digest = PartHash(kind)
+    def _fetch_part(self, job: _PartsJob, part: Part) -> tuple[str, int]:
+        """One ranged GET (resumed within the part on a body fault), hashed as it streams, then journaled; the
+        part's progress slot follows every write, so a kill costs only the bytes not yet on disk."""
+        obj, progress = job.obj, self.journal.progress
+        ident = part_ident(obj, job.layout, part.index, job.kind)
+        digest = PartHash(job.kind)
+        offset = self._resume_part(job, part, ident, digest)
+        slot = progress.claim(ident)
         tries = Attempts(f"{self._what(obj)} part {part.index + 1}", self.config, self.stop)
-        offset, fetched = part.start, 0
+        fetched = 0
+
+        def written(reached: int) -> None:
+            progress.update(slot, ident, reached - part.start, digest.value)
+
         while offset <= part.end:
             if self.stop.is_set():
                 raise Interrupted()
             try:
-                offset, got, fault = self._get_range(obj, fd, offset, part.end, digest)
+                offset, got, fault = self._get_range(obj, job.fd, (offset, part.end), digest, written)
                 fetched += got
                 if fault is not None:
                     raise fault
@@ -3361,13 +3410,32 @@ class Transfer:
                 raise
             except Exception as exc:
                 tries.failed(exc)
-        self.journal.record_part(obj, sizes, part.index, digest.text())
+        self.journal.record_part(obj, job.layout, part.index, digest.text())
+        progress.release(ident)
         return digest.text(), fetched
 
+    def _resume_part(self, job: _PartsJob, part: Part, ident: bytes, digest: PartHash) -> int:
+        """Where the part continues: after the bytes an earlier run left on disk (its progress slot), the digest
+        fed with them (a CRC from the slot; an MD5 by reading them back once)."""
+        kept = self.journal.progress.kept(ident) if job.kept else None
+        if kept is None or not 0 < kept[0] < part.size:
+            return part.start
+        done, crc = kept
+        if job.kind in COMBINABLE:
+            digest.value = crc
+        elif job.kind == "md5":
+            _hash_file_range(job.temp, part.start, done, digest)
+        log.info(
+            "Resuming %s part %d at byte %s of %s", self._what(job.obj), part.index + 1, f"{done:,}", f"{part.size:,}"
+        )
+        return part.start + done
+
     def _get_range(
-        self, obj: S3Object, fd: int, offset: int, end: int, digest: PartHash
+        self, obj: S3Object, fd: int, span: tuple[int, int], digest: PartHash, written: Callable[[int], None]
     ) -> tuple[int, int, Exception | None]:
-        """One ranged GET of bytes ``offset``..``end`` into ``fd``: (offset reached, bytes read, the body's fault)."""
+        """One ranged GET of bytes ``span`` (first, last) into ``fd``: (offset reached, bytes read, the body's
+        fault); ``written`` hears of every offset reached."""
+        offset, end = span
         request = object_request(
             obj, byte_range=(offset, end), if_match=obj.etag or None, request_payer=self.config.request_payer
         )
@@ -3377,7 +3445,7 @@ class Transfer:
         if note:
             self._opaque_etags[(obj.bucket, obj.key)] = note
         try:
-            reached, got, fault = self._copy_body(response, fd, offset, end + 1, digest)
+            reached, got, fault = self._copy_body(response, fd, offset, end + 1, digest, written)
         finally:
             response.close()
         if fault is None and reached != end + 1:
@@ -3597,6 +3665,9 @@ def choose_hasher(obj: S3Object, headers: Mapping[str, str], verify: bool) -> St
 # line in download_resume.json.journal. A kill -9 leaves the previous snapshot plus whole lines (a torn last
 # line is ignored), so the state is always valid, and a million completions cost a million small appends, not
 # a million rewrites. The snapshot is rewritten at load (folding in the last run's journal) and at the end.
+#
+# Inside a part, progress is too frequent for a journal line: download_resume.json.progress (ProgressSlots) is
+# a small file mapped into memory, a slot per part in flight, updated after every write with a memory store.
 
 RESUME_FORMAT = "aws-data-downloader/resume"
 
@@ -3611,6 +3682,8 @@ class ResumeJournal:
         self._completed: dict[tuple[str, str], CompletedEntry] = {}
         self._partial: dict[tuple[str, str], dict[str, Any]] = {}
         self._fd = -1
+        #: Bytes on disk inside the parts in flight (see ProgressSlots).
+        self.progress = ProgressSlots(path.with_name(path.name + ".progress"))
         #: Counts of writes, for the benchmark and tests of the journal's cost.
         self.appends = 0
         self.snapshots = 0
@@ -3652,6 +3725,7 @@ class ResumeJournal:
                         self._apply(json.loads(line))
                     except (ValueError, KeyError, TypeError):
                         continue  # a line torn by a crash
+        self.progress.load()
         return self
 
     def _apply(self, record: dict[str, Any]) -> None:
@@ -3671,11 +3745,21 @@ class ResumeJournal:
                 entry = {"etag": record["etag"], "size": record["size"], "layout": record["layout"], "done": {}}
                 self._partial[item] = entry
             entry["done"][int(record["part"])] = record["md5"]
+        elif op == "begin":
+            entry = self._partial.get(item)
+            if entry is None or entry["etag"] != record["etag"] or entry["layout"] != record["layout"]:
+                entry = {"etag": record["etag"], "size": record["size"], "layout": record["layout"], "done": {}}
+                self._partial[item] = entry
         elif op == "drop":
             self._partial.pop(item, None)
 
     def completed(self, bucket: str, key: str) -> CompletedEntry | None:
         return self._completed.get((bucket, key))
+
+    def has_partial(self, obj: S3Object, layout: list[int]) -> bool:
+        """A fetch of this exact version and part layout began earlier (its temp file may hold bytes)."""
+        entry = self._partial.get((obj.bucket, obj.key))
+        return entry is not None and (entry["etag"], entry["size"], entry["layout"]) == (obj.etag, obj.size, layout)
 
     def partial_parts(self, obj: S3Object, layout: list[int]) -> dict[int, str]:
         """Parts already on disk for this exact version and part layout of the object (index -> md5 hex)."""
@@ -3699,6 +3783,9 @@ class ResumeJournal:
             self.appends += 1
 
     def record_done(self, obj: S3Object, checksum: str | None, path: str | None) -> None:
+        entry = self._partial.get((obj.bucket, obj.key))
+        if entry is not None:
+            self.progress.forget(obj, entry["layout"])
         record = {"op": "done", "bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "size": obj.size}
         if obj.version_id:
             record["version_id"] = obj.version_id
@@ -3720,8 +3807,16 @@ class ResumeJournal:
             }
         )
 
+    def begin_parts(self, obj: S3Object, layout: list[int]) -> None:
+        """A fetch in parts begins: from now on its temp file is kept for the next attempt or run."""
+        if not self.has_partial(obj, layout):
+            record = {"op": "begin", "bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "size": obj.size}
+            self._append({**record, "layout": layout})
+
     def drop_partial(self, obj: S3Object) -> None:
-        if (obj.bucket, obj.key) in self._partial:
+        entry = self._partial.get((obj.bucket, obj.key))
+        if entry is not None:
+            self.progress.forget(obj, entry["layout"])
             self._append({"op": "drop", "bucket": obj.bucket, "key": obj.key})
 
     def compact(self) -> None:
@@ -3757,6 +3852,117 @@ class ResumeJournal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+        self.progress.close()
+
+
+def part_ident(obj: S3Object, layout: Sequence[int], index: int, kind: str) -> bytes:
+    """Names one part of one version and layout of an object, with the digest it is fetched for, in 16 bytes."""
+    text = f"{obj.bucket}\0{obj.key}\0{obj.etag}\0{obj.size}\0{','.join(map(str, layout))}\0{index}\0{kind}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class ProgressSlots:
+    """How many bytes of each part in flight are on disk, kept where a kill -9 cannot lose them.
+
+    The file is mapped into memory (MAP_SHARED) with one fixed slot per part being fetched; after every write
+    to the temp file the part's slot is updated with a plain memory store, no system call (a journal line per
+    read would cost one each). The kernel keeps the mapped pages when the process dies, so the next run reads
+    them back and continues each part from its last write. A slot holds the part's identity (part_ident), the
+    bytes done, the running CRC for CRC-verified parts, and a CRC32 of those, so a slot torn by the kill is
+    ignored. A power loss can lose the pages or keep them ahead of the data: then the object's checksum fails,
+    and it is fetched again whole.
+    """
+
+    SLOT = 48
+    #: Slots beyond the ones loaded: a part or stream per thread, for the largest parallel_downloads (512).
+    CAPACITY = 1100
+    _FORMAT = struct.Struct("<16sQQI")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._map: Any = None
+        #: Progress left by the previous run, by ident: (bytes done, crc).
+        self._kept: dict[bytes, tuple[int, int]] = {}
+        self._slots: dict[bytes, int] = {}
+        self._free: list[int] = []
+
+    def load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return
+        for offset in range(0, len(data) - self.SLOT + 1, self.SLOT):
+            ident, done, crc, check = self._FORMAT.unpack_from(data, offset)
+            if done and check == zlib.crc32(data[offset : offset + 32]):
+                self._kept[ident] = (done, crc)
+
+    def kept(self, ident: bytes) -> tuple[int, int] | None:
+        """(bytes done, crc) the previous run left for this part, if any."""
+        return self._kept.get(ident)
+
+    def claim(self, ident: bytes) -> int:
+        """A slot for a part now in flight (the one it had, if it was parked)."""
+        with self._lock:
+            self._open()
+            slot = self._slots.get(ident)
+            if slot is None:
+                slot = self._free.pop() if self._free else self._grow()
+                self._slots[ident] = slot
+            return slot
+
+    def update(self, slot: int, ident: bytes, done: int, crc: int) -> None:
+        head = struct.pack("<16sQQ", ident, done, crc)
+        self._map[slot * self.SLOT : slot * self.SLOT + 36] = head + struct.pack("<I", zlib.crc32(head))
+
+    def release(self, ident: bytes) -> None:
+        """The part is done (or abandoned): its slot is free."""
+        with self._lock:
+            self._kept.pop(ident, None)
+            slot = self._slots.pop(ident, None)
+            if slot is not None and self._map is not None:
+                self._map[slot * self.SLOT : (slot + 1) * self.SLOT] = bytes(self.SLOT)
+                self._free.append(slot)
+
+    def forget(self, obj: S3Object, layout: Sequence[int]) -> None:
+        """Drop every slot of this version and layout of an object (it changed, its bytes did not verify, or it
+        is done); the slots of parts fetched in this run are released as each part ends."""
+        if not self._kept:
+            return
+        for kind in ("md5", "crc64nvme", "crc32c", "crc32", "", "stream"):
+            for index in range(len(layout)):
+                ident = part_ident(obj, layout, index, kind)
+                if ident in self._kept or ident in self._slots:
+                    self.release(ident)
+
+    def _open(self) -> None:
+        """Map a fresh file, the previous run's progress parked in its first slots (a second kill keeps it)."""
+        if self._map is not None:
+            return
+        import mmap
+
+        count = self.CAPACITY + len(self._kept)
+        with open(self.path, "wb") as handle:
+            handle.truncate(count * self.SLOT)
+        with open(self.path, "r+b") as handle:
+            self._map = mmap.mmap(handle.fileno(), count * self.SLOT)
+        for slot, (ident, (done, crc)) in enumerate(self._kept.items()):
+            self._slots[ident] = slot
+            self.update(slot, ident, done, crc)
+        self._free = list(range(count - 1, len(self._kept) - 1, -1))
+
+    def _grow(self) -> int:
+        raise RuntimeError("no free progress slot")  # CAPACITY covers every thread of the largest run
+
+    def close(self) -> None:
+        """Unmap; the file goes when no part is left half done (a finished run leaves none)."""
+        with self._lock:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+                if not self._slots:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path)
 
 
 class NullJournal:

@@ -1,0 +1,127 @@
+"""A kill -9 costs only the bytes that were not yet on disk: a re-run continues every part, range and stream
+from its last write (the journal's progress slots), and the file is byte-identical.
+
+The CLI runs as a subprocess against SeaweedFS behind the fault proxy, which caps each connection's throughput
+so the kill lands where the test wants it (10%, 50%, 90% of the bytes served); the re-run goes through the same
+proxy, which counts what it sends. Allowed beyond the missing bytes: one read buffer (chunk_size) and one proxy
+chunk per connection, the bytes a connection had received but not yet written when the process died.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config as BotoConfig
+from conftest import REPO, MiB, S3Server, write_config
+from faultproxy import FaultProxy, KiB
+from test_checksums import put_full_object_multipart
+
+import aws_data_downloader as adl
+
+pytestmark = pytest.mark.seaweedfs
+
+SIZE = 12 * MiB + 4321
+CONNECTIONS = 3
+CHUNK = 256 * KiB
+#: The proxy sends each connection 32 KiB every 20 ms (~1.6 MiB/s), so a run takes a few seconds.
+SLOW = {"chunk": 32 * KiB, "interval_s": 0.02}
+SETTINGS = {
+    "parallel_downloads": CONNECTIONS,
+    "multipart_threshold_mb": 4,
+    "multipart_chunksize_mb": 4,
+    "chunk_size": CHUNK,
+    "retry_backoff_s": 0.01,
+    "log_file": "",
+}
+
+
+def seed(seaweed: S3Server, kind: str, bucket: str) -> dict[str, bytes]:
+    """Two objects of one kind: legacy multipart (part MD5s), legacy single-part (one MD5 stream), or as S3
+    stores them today (CRC64NVME: single-part, and multipart FULL_OBJECT)."""
+    rng = random.Random(hash(kind) & 0xFFFF)
+    files = {f"{kind}/{n}.bin": rng.randbytes(SIZE) for n in range(2)}
+    client = boto3.client(
+        "s3",
+        endpoint_url=seaweed.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key,
+        config=BotoConfig(s3={"addressing_style": "path"}),
+    )
+    client.create_bucket(Bucket=bucket)
+    for number, (key, body) in enumerate(files.items()):
+        if kind == "md5-multipart":
+            seaweed.put_multipart(bucket, key, body, part_size=5 * MiB)
+        elif kind == "md5-stream":
+            seaweed.put(bucket, key, body)
+        elif number == 0:
+            client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC64NVME")
+        else:
+            put_full_object_multipart(client, bucket, key, body, 5 * MiB)
+    client.close()
+    return files
+
+
+def start(proxy: FaultProxy, bucket: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(REPO / "aws_data_downloader.py"), "--buckets", bucket, "--quiet"]
+    argv += ["--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url]
+    argv += ["--config", write_config(tmp_path, SETTINGS)]
+    return subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("kind", ["md5-multipart", "md5-stream", "crc64nvme"])
+def test_a_kill_costs_only_the_bytes_not_yet_on_disk(
+    seaweed: S3Server, tmp_path: Path, kind: str, fraction: float
+) -> None:
+    bucket = f"kill-{kind}-{int(fraction * 100)}-{random.randrange(10**6)}"
+    files = seed(seaweed, kind, bucket)
+    total = sum(map(len, files.values()))
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.slow(method="GET", where=lambda r: r.range is not None or "/kill-" in r.path, **SLOW)
+        process = start(proxy, bucket, tmp_path)
+        deadline = time.monotonic() + 120
+        while proxy.bytes_sent("GET") < fraction * total:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run did not get that far"
+            time.sleep(0.005)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        time.sleep(0.1)  # the proxy notices the dead connections
+        served = proxy.bytes_sent("GET")
+        proxy.clear_rules()
+        proxy.reset_stats()
+
+        summary = adl.AWSDataDownloader(
+            {**SETTINGS, "buckets": [bucket], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
+        ).run_full_download()
+        refetched = proxy.bytes_sent("GET")
+
+    assert process.returncode == -signal.SIGKILL
+    assert summary.ok and summary.downloaded + summary.skipped == len(files), summary
+    for key, body in files.items():
+        assert (tmp_path / "data" / bucket / key).read_bytes() == body, key
+    missing = total - served
+    in_flight = CONNECTIONS * 2 * (CHUNK + SLOW["chunk"])  # object threads and part threads alike
+    assert refetched >= missing, "a re-run cannot fetch less than what never arrived"
+    assert refetched <= missing + in_flight, (
+        f"served {served / MiB:.2f} MiB of {total / MiB:.2f} before the kill; the re-run fetched "
+        f"{refetched / MiB:.2f} MiB, more than the missing {missing / MiB:.2f} MiB plus {in_flight / MiB:.2f} MiB"
+    )
+    assert not list((tmp_path / "data").rglob(".adl-*"))
+    assert not (tmp_path / "data" / "download_resume.json.progress").exists(), "a finished run leaves no progress"
