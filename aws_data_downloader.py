@@ -168,6 +168,9 @@ class DownloadInterrupted(DownloaderError):
 class ChecksumMismatch(Exception):
     """The bytes received do not match the object's ETag or checksum."""
 
+    #: Some of the bytes were kept from an earlier attempt or run (a crash mid-write, a power loss can spoil them).
+    kept = False
+
 
 class DiskFull(Exception):
     """ENOSPC while writing; the whole run stops."""
@@ -956,7 +959,10 @@ class Response(Protocol):
 
     headers: Mapping[str, str]
 
-    def read(self, amount: int) -> bytes: ...
+    def read(self, amount: int) -> bytes:
+        """Up to ``amount`` bytes of the body, as soon as some have arrived; empty at its end. Returning what has
+        arrived, not waiting for all ``amount``, keeps the bytes a kill loses to those not yet received."""
+        ...
 
     def close(self) -> None: ...
 
@@ -1171,6 +1177,16 @@ class _Http11Response:
             raise IncompleteBody(f"connection closed with {self._remaining} bytes of the body missing")
         return data
 
+    def read1(self, amount: int) -> bytes:
+        """Up to ``amount`` bytes with at most one read from the socket: what has arrived, not all of ``amount``."""
+        if self._remaining is None or self._chunked or self._remaining == 0:
+            return self.read(amount)
+        data = self._file.read1(min(amount, self._remaining))
+        if not data:
+            raise IncompleteBody(f"connection closed with {self._remaining} bytes of the body missing")
+        self._remaining -= len(data)
+        return data
+
     def _read_chunked(self, amount: int | None) -> bytes:
         parts: list[bytes] = []
         wanted = amount if amount is not None else -1
@@ -1331,7 +1347,7 @@ class _HttpBody:
         self._response = response
 
     def read(self, amount: int) -> bytes:
-        return self._response.read(amount)
+        return self._response.read1(amount)
 
     def close(self) -> None:
         response = self._response
@@ -2956,6 +2972,10 @@ class Transfer:
                 return DownloadResult(obj, "downloaded", "", str(target), checksum, fetched, restarts.failures + 1)
             except ChecksumMismatch as exc:
                 self._discard_partial(obj, target)
+                if exc.kept:
+                    log.warning(
+                        "%s: the bytes kept from an earlier try did not verify; fetching it whole", self._what(obj)
+                    )
                 if etag_kind(obj.etag) == "multipart":
                     self._exact_layout.add((obj.bucket, obj.key))  # maybe uneven parts: ask each one next time
                 if not restarts.another(exc):
@@ -3133,7 +3153,11 @@ class Transfer:
             hasher, fetched = self._stream_into(obj, fd, written, hasher, checkpoint, tries)
             if checkpoint is not None:
                 checkpoint.close()
-            checksum = hasher.verify() if hasher else None
+            try:
+                checksum = hasher.verify() if hasher else None
+            except ChecksumMismatch as exc:
+                exc.kept = written > 0
+                raise
             os.close(fd)
             fd = -1
             self._finish(obj, temp, target, checksum)
@@ -3308,7 +3332,11 @@ class Transfer:
             fetched = self._fetch_missing_parts(job, [part for part in parts if part.index not in done], done)
             os.close(fd)
             fd = -1
-            checksum = self._parts_checksum(obj, parts, done, route)
+            try:
+                checksum = self._parts_checksum(obj, parts, done, route)
+            except ChecksumMismatch as exc:
+                exc.kept = kept
+                raise
             self._finish(obj, temp, target, checksum)
             return checksum, fetched
         finally:
@@ -3325,9 +3353,46 @@ class Transfer:
             done = {index: digest for index, digest in done.items() if digest.startswith(kind + ":")}
         began = self.journal.has_partial(obj, layout)
         if began and temp.is_file() and not temp.is_symlink() and temp.stat().st_size == obj.size:
+            if kind and not self.journal.written_this_boot(obj):
+                done = self._check_on_disk(obj, temp, layout, done, kind)
+                self.journal.begin_parts(obj, layout)
             return done, True
         self.journal.drop_partial(obj)
         return {}, False
+
+    def _check_on_disk(
+        self, obj: S3Object, temp: Path, layout: list[int], done: dict[int, str], kind: str
+    ) -> dict[int, str]:
+        """The parts whose bytes on disk still match their journaled digest, read back once: the journal was
+        written in another boot, and a power loss can keep a journal line whose data never reached the disk."""
+        starts = list(itertools.accumulate(layout, initial=0))
+        good = {}
+        for index, digest in done.items():
+            disk = PartHash(kind)
+            _hash_file_range(temp, starts[index], layout[index], disk)
+            if disk.text() == digest:
+                good[index] = digest
+            else:
+                self._spoiled(obj, index)
+        if kind in COMBINABLE:  # a slot's CRC may have outrun its data too (an MD5 prefix is read back anyway)
+            for index in sorted(set(range(len(layout))) - set(done)):
+                ident = part_ident(obj, layout, index, kind)
+                kept = self.journal.progress.kept(ident)
+                disk = PartHash(kind)
+                if kept is not None and 0 < kept[0] < layout[index]:
+                    _hash_file_range(temp, starts[index], kept[0], disk)
+                    if disk.value != kept[1]:
+                        self.journal.progress.release(ident)
+                        self._spoiled(obj, index)
+        return good
+
+    def _spoiled(self, obj: S3Object, index: int) -> None:
+        log.warning(
+            "%s part %d on disk does not match its journaled checksum (the machine restarted since); fetching that "
+            "part again",
+            self._what(obj),
+            index + 1,
+        )
 
     @staticmethod
     def _preallocate(fd: int, size: int) -> None:
@@ -3672,6 +3737,20 @@ def choose_hasher(obj: S3Object, headers: Mapping[str, str], verify: bool) -> St
 RESUME_FORMAT = "aws-data-downloader/resume"
 
 
+@functools.lru_cache(maxsize=1)
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where the OS does not say.
+
+    Bytes written before a kill -9 are in the page cache for the next run of the same boot, whatever reached the
+    disk; after a power loss or a reboot, journaled parts and progress slots may be ahead of the data, so a run
+    of another boot checks the kept bytes against their journaled checksums before it trusts them.
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 class ResumeJournal:
     """What is complete, and which parts of large objects are on disk. Never holds credentials."""
 
@@ -3750,6 +3829,7 @@ class ResumeJournal:
             if entry is None or entry["etag"] != record["etag"] or entry["layout"] != record["layout"]:
                 entry = {"etag": record["etag"], "size": record["size"], "layout": record["layout"], "done": {}}
                 self._partial[item] = entry
+            entry["boot"] = record.get("boot")
         elif op == "drop":
             self._partial.pop(item, None)
 
@@ -3760,6 +3840,11 @@ class ResumeJournal:
         """A fetch of this exact version and part layout began earlier (its temp file may hold bytes)."""
         entry = self._partial.get((obj.bucket, obj.key))
         return entry is not None and (entry["etag"], entry["size"], entry["layout"]) == (obj.etag, obj.size, layout)
+
+    def written_this_boot(self, obj: S3Object) -> bool:
+        """The object's kept bytes were written in this boot of the machine (see boot_id): trust them as written."""
+        entry = self._partial.get((obj.bucket, obj.key))
+        return entry is not None and boot_id() is not None and entry.get("boot") == boot_id()
 
     def partial_parts(self, obj: S3Object, layout: list[int]) -> dict[int, str]:
         """Parts already on disk for this exact version and part layout of the object (index -> md5 hex)."""
@@ -3808,10 +3893,11 @@ class ResumeJournal:
         )
 
     def begin_parts(self, obj: S3Object, layout: list[int]) -> None:
-        """A fetch in parts begins: from now on its temp file is kept for the next attempt or run."""
-        if not self.has_partial(obj, layout):
+        """A fetch in parts begins (or continues, its kept bytes checked): from now on its temp file is kept for
+        the next attempt or run, and the bytes it writes are this boot's."""
+        if not (self.has_partial(obj, layout) and self.written_this_boot(obj)):
             record = {"op": "begin", "bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "size": obj.size}
-            self._append({**record, "layout": layout})
+            self._append({**record, "layout": layout, "boot": boot_id()})
 
     def drop_partial(self, obj: S3Object) -> None:
         entry = self._partial.get((obj.bucket, obj.key))
