@@ -62,7 +62,7 @@ def seed(seaweed: S3Server, kind: str, bucket: str) -> dict[str, bytes]:
     for number, (key, body) in enumerate(files.items()):
         if kind == "md5-multipart":
             seaweed.put_multipart(bucket, key, body, part_size=5 * MiB)
-        elif kind == "md5-stream":
+        elif kind in ("md5-stream", "no-verify"):
             seaweed.put(bucket, key, body)
         elif number == 0:
             client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="CRC64NVME")
@@ -72,10 +72,15 @@ def seed(seaweed: S3Server, kind: str, bucket: str) -> dict[str, bytes]:
     return files
 
 
-def start(proxy: FaultProxy, bucket: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+def settings_for(kind: str) -> dict[str, object]:
+    """Unverified objects are fetched in parallel ranges that carry no digest at all."""
+    return {**SETTINGS, "verify_checksums": kind != "no-verify"}
+
+
+def start(proxy: FaultProxy, bucket: str, tmp_path: Path, kind: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, str(REPO / "aws_data_downloader.py"), "--buckets", bucket, "--quiet"]
     argv += ["--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url]
-    argv += ["--config", write_config(tmp_path, SETTINGS)]
+    argv += ["--config", write_config(tmp_path, settings_for(kind))]
     return subprocess.Popen(
         argv,
         cwd=tmp_path,
@@ -86,11 +91,11 @@ def start(proxy: FaultProxy, bucket: str, tmp_path: Path) -> subprocess.Popen[by
     )
 
 
-def kill_at(proxy: FaultProxy, bucket: str, tmp_path: Path, served: float) -> int:
+def kill_at(proxy: FaultProxy, bucket: str, tmp_path: Path, served: float, kind: str) -> int:
     """Start the CLI, kill -9 its process group once the proxy has sent ``served`` bytes; returns the bytes sent.
     The proxy is left without rules and with its counts at zero, for the re-run."""
     proxy.slow(method="GET", where=lambda r: r.range is not None or "/kill-" in r.path, **SLOW)
-    process = start(proxy, bucket, tmp_path)
+    process = start(proxy, bucket, tmp_path, kind)
     deadline = time.monotonic() + 120
     while proxy.bytes_sent("GET") < served:
         assert process.poll() is None, process.communicate()
@@ -107,7 +112,7 @@ def kill_at(proxy: FaultProxy, bucket: str, tmp_path: Path, served: float) -> in
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("kind", ["md5-multipart", "md5-stream", "crc64nvme"])
+@pytest.mark.parametrize("kind", ["md5-multipart", "md5-stream", "crc64nvme", "no-verify"])
 def test_a_kill_costs_only_the_bytes_not_yet_on_disk(
     seaweed: S3Server, tmp_path: Path, kind: str, fraction: float
 ) -> None:
@@ -115,10 +120,15 @@ def test_a_kill_costs_only_the_bytes_not_yet_on_disk(
     files = seed(seaweed, kind, bucket)
     total = sum(map(len, files.values()))
     with FaultProxy(seaweed.endpoint) as proxy:
-        served = kill_at(proxy, bucket, tmp_path, fraction * total)
+        served = kill_at(proxy, bucket, tmp_path, fraction * total, kind)
 
         summary = adl.AWSDataDownloader(
-            {**SETTINGS, "buckets": [bucket], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
+            {
+                **settings_for(kind),
+                "buckets": [bucket],
+                "download_dir": str(tmp_path / "data"),
+                "endpoint_url": proxy.url,
+            }
         ).run_full_download()
         refetched = proxy.bytes_sent("GET")
 
@@ -178,14 +188,14 @@ def test_after_a_reboot_kept_bytes_that_went_bad_are_caught_and_fetched_again(
     total = sum(map(len, files.values()))
     data = tmp_path / "data"
     with FaultProxy(seaweed.endpoint) as proxy:
-        served = kill_at(proxy, bucket, tmp_path, 0.75 * total)  # the second object has begun, whatever the order
+        served = kill_at(proxy, bucket, tmp_path, 0.75 * total, kind)  # the second object has begun, whatever the order
         spoiled = spoil_kept_bytes(data)
         assert spoiled, "the killed run kept bytes of some object"
         journal = data / "download_resume.json.journal"
         journal.write_text(journal.read_text().replace(f'"boot":"{adl.boot_id()}"', '"boot":"an-earlier-boot"'))
         with caplog.at_level("INFO", logger="aws_data_downloader"):
             summary = adl.AWSDataDownloader(
-                {**SETTINGS, "buckets": [bucket], "download_dir": str(data), "endpoint_url": proxy.url}
+                {**settings_for(kind), "buckets": [bucket], "download_dir": str(data), "endpoint_url": proxy.url}
             ).run_full_download()
         refetched = proxy.bytes_sent("GET")
 
@@ -208,10 +218,10 @@ def test_in_the_same_boot_kept_parts_are_trusted_without_reading_them_back(
     total = sum(map(len, files.values()))
     data = tmp_path / "data"
     with FaultProxy(seaweed.endpoint) as proxy:
-        kill_at(proxy, bucket, tmp_path, 0.9 * total)
+        kill_at(proxy, bucket, tmp_path, 0.9 * total, kind)
         with caplog.at_level("INFO", logger="aws_data_downloader"):
             summary = adl.AWSDataDownloader(
-                {**SETTINGS, "buckets": [bucket], "download_dir": str(data), "endpoint_url": proxy.url}
+                {**settings_for(kind), "buckets": [bucket], "download_dir": str(data), "endpoint_url": proxy.url}
             ).run_full_download()
     assert summary.ok, summary
     assert not [r for r in caplog.records if any(s in r.getMessage() for s in SPOILED)], caplog.text
