@@ -72,12 +72,8 @@ MiB = 1024 * KiB
 T = TypeVar("T")
 
 
-def plan_object(
-    obj: S3Object, root: Path, filters: Filters, overwrite: bool, journal: ResumeJournal | NullJournal
-) -> Planned | None:
-    """Filter, place and skip-check one object; None when the filters leave it out of the selection."""
-    if filter_reason(obj, filters) is not None:
-        return None
+def plan_object(obj: S3Object, root: Path, overwrite: bool, journal: ResumeJournal | NullJournal) -> Planned:
+    """Place and skip-check one selected object (the filters have kept it)."""
     if obj.key.endswith("/"):
         return Planned(obj, None, DownloadResult(obj, "failed", "unsafe key: folder marker with data"))
     if obj.storage_class in ARCHIVED_STORAGE_CLASSES:
@@ -112,6 +108,7 @@ EXIT_USAGE = 2  #: bad command line, config, or download directory
 EXIT_CREDENTIALS = 3  #: credentials rejected, or nothing accessible
 EXIT_LOCKED = 4  #: another run holds the download directory's lock
 EXIT_NO_SPACE = 5  #: not enough free disk space (before the run, or the disk filled during it)
+EXIT_NOTHING_LISTED = 6  #: a bucket or prefix given lists no objects at all (a typo?); the rest is done
 EXIT_INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; a re-run continues
 
 
@@ -2617,20 +2614,20 @@ def shard_of(bucket: str, key: str, count: int) -> int:
 
 
 def filter_reason(obj: S3Object, filters: Filters) -> str | None:
-    """Why the object is left out of the selection, or None if it is selected."""
+    """Why the object is left out of the selection (the rule, as the summary counts it), or None if selected."""
     if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
-        return "other shard"
+        return "shard"
     lowered = obj.key.lower()
     if filters.extensions and not lowered.endswith(filters.extensions):
         return "extension"
     if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
-        return "not included"
+        return "include"
     if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
-        return "excluded"
+        return "exclude"
     if obj.size < filters.min_size:
-        return "smaller than min_file_size_mb"
+        return "size < min"
     if filters.max_size is not None and obj.size > filters.max_size:
-        return "larger than max_file_size_mb"
+        return "size > max"
     return None
 
 
@@ -4110,6 +4107,10 @@ class DownloadSummary:
     dry_run: bool = False
     interrupted: bool = False
     stopped_reason: str | None = None
+    #: Listed objects the filters left out, by rule ("size > max", "extension", ...).
+    filtered: Mapping[str, int] = field(default_factory=dict)
+    #: The buckets and prefixes given that list no objects at all, as s3:// URLs (a typo, usually).
+    nothing_under: tuple[str, ...] = ()
 
     @property
     def average_speed(self) -> float:
@@ -4123,7 +4124,25 @@ class DownloadSummary:
     @property
     def ok(self) -> bool:
         """Every selected object is on disk and verified, and every bucket the user named was readable."""
-        return self.failed == 0 and not self.interrupted and self.stopped_reason is None and not self.bucket_problems
+        return (
+            self.failed == 0
+            and not self.interrupted
+            and self.stopped_reason is None
+            and not self.bucket_problems
+            and not self.nothing_under
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """What the CLI exits with for a run that ran to its end (a stopped run raises instead)."""
+        if self.failed or self.bucket_problems:
+            return EXIT_FAILED
+        return EXIT_NOTHING_LISTED if self.nothing_under else EXIT_OK
+
+    def filtered_text(self) -> str:
+        """'17 (size > max 12, extension 5)': the objects left out, most common rule first."""
+        rules = ", ".join(f"{rule} {count:,}" for rule, count in sorted(self.filtered.items(), key=lambda kv: -kv[1]))
+        return f"{sum(self.filtered.values()):,} ({rules})" if rules else "0"
 
     def failures_by_reason(self) -> dict[str, list[FailedObject]]:
         grouped: dict[str, list[FailedObject]] = {}
@@ -4145,6 +4164,9 @@ class DownloadSummary:
             "failures": [dataclasses.asdict(f) for f in self.failures],
             "failures_by_reason": {reason: len(items) for reason, items in self.failures_by_reason().items()},
             "skipped_reasons": dict(self.skipped_reasons),
+            "filtered_out": sum(self.filtered.values()),
+            "filtered_out_by_rule": dict(self.filtered),
+            "nothing_under": list(self.nothing_under),
             "buckets": list(self.buckets),
             "bucket_problems": [dataclasses.asdict(p) for p in self.bucket_problems],
             "download_dir": self.download_dir,
@@ -4174,6 +4196,8 @@ class DownloadSummary:
             f"{'Average speed:':<18}{self.average_speed / MiB:.1f} MB/s",
             f"{'Success rate:':<18}{self.success_rate:.1f}%",
         ]
+        if self.filtered:
+            lines.append(f"{'Filtered out:':<18}{self.filtered_text()}")
         if self.skipped_reasons:
             lines.append("Skipped by reason:")
             lines += [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped_reasons.items())]
@@ -4186,6 +4210,8 @@ class DownloadSummary:
                 lines.append(f"  {display_key(reason)} ({len(items):,}): {examples}{more}")
         for problem in self.bucket_problems:
             lines.append(f"Bucket not downloaded: {problem.reason}")
+        for place in self.nothing_under:
+            lines.append(f"No objects under {place}")
         if self.interrupted:
             lines.append("Interrupted: run the same command again to continue.")
         if self.stopped_reason:
@@ -4218,6 +4244,8 @@ class Tally:
         self.failures: list[FailedObject] = []
         self.failure_counts: Counter[str] = Counter()
         self.skipped_reasons: Counter[str] = Counter()
+        #: Listed objects the filters left out, by rule (filter_reason).
+        self.filtered: Counter[str] = Counter()
 
     def add_selected(self, sizes: Iterable[int]) -> None:
         """Objects of a listing page the filters kept."""
@@ -4573,6 +4601,10 @@ class _Run:
     progress: Progress = field(default_factory=lambda: Progress(Tally(), bar=False, log_lines=False, interval=1))
     #: Bytes of pages left undispatched for lack of disk space, so the error can say how much is needed.
     needed_more: int = 0
+    #: Per bucket, the prefixes given (or "") that have listed no object yet.
+    unlisted: dict[str, set[str]] = field(default_factory=dict)
+    #: The listing ran to its end (every page of every bucket), so an empty prefix really is empty.
+    listed_all: bool = False
     #: Shuts the engine's sockets; a no-op until the engine exists.
     abort: Callable[[], None] = lambda: None
 
@@ -4658,16 +4690,22 @@ class _Run:
             yield self.manifest_objects
             return
         for bucket in self.buckets:
+            unlisted = self.unlisted[bucket] = set(self.config.prefixes or [""])
             try:
                 for prefix in collapse_prefixes(self.config.prefixes):
-                    yield from list_pages(self.engine, bucket, prefix, self.attempts)
+                    for page in list_pages(self.engine, bucket, prefix, self.attempts):
+                        if unlisted:
+                            unlisted -= {given for given in unlisted if any(o.key.startswith(given) for o in page)}
+                        yield page
             except S3Error as exc:  # a bucket whose listing is denied is a bucket problem: the others go on
+                unlisted.clear()
                 self.listing_refused(bucket, exc)
             except Interrupted:
                 return
             except Exception as exc:  # the page's own retries are spent: the run cannot know what else to fetch
                 error = unreachable(exc, f"listing bucket '{bucket}' failed after {self.config.retry_attempts} retries")
                 raise error from None
+        self.listed_all = True
 
     def listing_refused(self, bucket: str, exc: S3Error) -> None:
         problem = credentials_problem(exc)
@@ -4682,9 +4720,15 @@ class _Run:
 
     def planned_pages(self) -> Iterator[tuple[list[Planned], int]]:
         """Each page's selected objects, placed and skip-checked, with the bytes still to fetch for them."""
-        overwrite = self.config.overwrite_existing
+        overwrite, filters, filtered = self.config.overwrite_existing, self.filters, self.tally.filtered
         for page in self.pages():
-            plans = [p for obj in page if (p := plan_object(obj, self.root, self.filters, overwrite, self.journal))]
+            plans = []
+            for obj in page:
+                rule = filter_reason(obj, filters)
+                if rule is None:
+                    plans.append(plan_object(obj, self.root, overwrite, self.journal))
+                else:
+                    filtered[rule] += 1
             self.tally.add_selected(plan.obj.size for plan in plans)
             yield plans, sum(plan.obj.size for plan in plans if plan.result is None)
 
@@ -4726,6 +4770,24 @@ class _Run:
         if not self.stop.is_set():
             size = format_size(self.tally.total_bytes)
             log.info("Found %s objects to download (%s); listing complete", f"{self.tally.total:,}", size)
+        for place in self.nothing_under():
+            log.warning("No objects under %s: check the bucket and prefix", place)
+        filtered = self.tally.filtered
+        if filtered and not self.tally.total:
+            text = DownloadSummary(0, 0, 0, 0, 0, 0, 0.0, filtered=filtered).filtered_text()
+            log.warning("The filters left out every object listed: %s", text)
+
+    def nothing_under(self) -> list[str]:
+        """The places given that listed no object: each named bucket/prefix, or a prefix no bucket has."""
+        if not self.listed_all or self.manifest_objects is not None:
+            return []
+        if self.config.buckets:
+            return [f"s3://{b}/{display_key(p)}" for b, unlisted in self.unlisted.items() for p in sorted(unlisted)]
+        everywhere = set.intersection(*self.unlisted.values()) if self.unlisted else set()
+        count = len(self.unlisted)
+        return [
+            f"s3://*/{display_key(p)} (in any of {count} bucket{'s' if count != 1 else ''})" for p in sorted(everywhere)
+        ]
 
     # -- stopping -------------------------------------------------------------------------------------------
 
@@ -4810,6 +4872,8 @@ class _Run:
             dry_run=self.dry_run,
             interrupted=interrupted,
             stopped_reason=None if interrupted else stopped_reason,
+            filtered=dict(tally.filtered),
+            nothing_under=tuple(self.nothing_under()),
         )
 
 
@@ -5265,7 +5329,7 @@ def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
             summary = downloader.run_full_download(
                 access_key, secret_key, session_token=token, dry_run=args.dry_run, from_manifest=args.from_manifest
             )
-            code = EXIT_OK if summary.ok else EXIT_FAILED
+            code = summary.exit_code
     except DownloaderError as exc:
         shown = not args.json or exc.summary is None
         # The console gets the one "Error: ..." line; the log file keeps the timestamped record.

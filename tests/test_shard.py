@@ -73,7 +73,7 @@ def test_filters_keep_only_the_objects_of_one_shard() -> None:
         kept = adl.filter_reason(obj, filters) is None
         assert kept == (adl.shard_of("b", key, 3) == 1)
         if not kept:
-            assert adl.filter_reason(obj, filters) == "other shard"
+            assert adl.filter_reason(obj, filters) == "shard"
 
 
 # -- through the CLI -------------------------------------------------------------------------------------------
