@@ -4414,18 +4414,24 @@ DISK_CHECK_PAGES = 10
 
 
 class DiskBudget:
-    """Tracks bytes promised to downloads against the free space measured at the start."""
+    """Tracks bytes promised to downloads against the free space measured at the start.
 
-    #: Head-room left free: the journal, the log, and other writers on the same disk.
+    Some space is left free for the journal, the log and other writers on the same disk: 64 MiB, or on a
+    small volume 5% of its size (at least 1 MiB), so a 64 MiB volume can still take 60 MB of files.
+    """
+
     MARGIN = 64 * MiB
 
     def __init__(self, directory: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.free = shutil.disk_usage(directory).free if enabled else 0
+        usage = shutil.disk_usage(directory) if enabled else None
+        self.free = usage.free if usage else 0
+        #: Bytes kept free beyond the selection.
+        self.margin = min(self.MARGIN, max(MiB, usage.total // 20)) if usage else 0
         self.reserved = 0
 
     def fits(self, more: int) -> bool:
-        return not self.enabled or self.reserved + more <= self.free - self.MARGIN
+        return not self.enabled or self.reserved + more <= self.free - self.margin
 
     def reserve(self, more: int) -> None:
         self.reserved += more
@@ -4833,11 +4839,12 @@ class _Run:
         """The summary, or the error that ended the run (carrying the summary so far)."""
         reason = self.stop_reason or ("interrupted" if self.stop.is_set() else None)
         if reason == "disk space":
-            free = max(0, self.budget.free - DiskBudget.MARGIN)
-            needed = self.budget.reserved + self.needed_more
+            budget = self.budget
+            needed = budget.reserved + self.needed_more
             raise DiskSpaceError(
                 f"not enough disk space in {self.root}: the selection needs {format_size(needed)}, "
-                f"{format_size(free)} is free (free some space, narrow the selection, or use --ignore-disk-space)",
+                f"{format_size(budget.free)} is free and {format_size(budget.margin)} of it is kept free "
+                "(free some space, narrow the selection, or use --ignore-disk-space)",
                 self.summary("not enough disk space"),
             )
         summary = self.summary(reason)

@@ -35,12 +35,14 @@ def seed(server: S3Server) -> dict[str, bytes]:
     return files
 
 
-def fake_free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+def fake_free_space(monkeypatch: pytest.MonkeyPatch, free: int, total: int | None = None) -> None:
+    """The download directory's filesystem reports ``free`` bytes free (of ``total``, default: the real size)."""
     real = shutil.disk_usage
 
     def disk_usage(path):
         usage = real(path)
-        return type(usage)(usage.total, usage.total - free, free)
+        size = usage.total if total is None else total
+        return type(usage)(size, size - free, free)
 
     monkeypatch.setattr(adl.shutil, "disk_usage", disk_usage)
 
@@ -75,7 +77,8 @@ def test_precheck_refuses_before_writing_and_ignore_disk_space_goes_on(
     code, out, err = run_cli(*args)
     assert code == adl.EXIT_NO_SPACE
     [line] = error_lines(err)
-    assert f"needs {adl.format_size(total)}" in line and f"{adl.format_size(1 * MiB)} is free" in line
+    free, kept = adl.format_size(adl.DiskBudget.MARGIN + 1 * MiB), adl.format_size(adl.DiskBudget.MARGIN)
+    assert f"needs {adl.format_size(total)}, {free} is free and {kept} of it is kept free" in line, line
     assert "--ignore-disk-space" in line
     assert "Stopped: not enough disk space" in out
     assert objects_on_disk(download_dir) == {} and not list(download_dir.rglob(".adl-*"))
@@ -233,3 +236,26 @@ def test_unusable_download_dir_is_one_clear_error(s3: S3Server, tmp_path: Path, 
     assert out == ""
     assert "Traceback" not in err
     assert (tmp_path / "a-file").read_bytes() == b"x"
+
+
+def test_a_small_volume_keeps_a_small_share_free_not_64_mib(
+    s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 64 MiB volume (a USB stick, a small tmpfs) with 60 MiB free takes a selection that fits: the space kept
+    free scales with the volume (5% of it), and a selection too big says free and kept-free apart."""
+    files = seed(s3)
+    total = sum(len(body) for body in files.values())
+    download_dir = tmp_path / "data"
+    args = ["--buckets", BUCKET, "--download-dir", str(download_dir), *s3.args()]
+
+    fake_free_space(monkeypatch, total + 4 * MiB, total=64 * MiB)  # 5% of 64 MiB is 3.2 MiB
+    code, out, err = run_cli(*args)
+    assert code == 0, (out, err)
+    assert objects_on_disk(download_dir) == files
+
+    fake_free_space(monkeypatch, total + 2 * MiB, total=64 * MiB)
+    code, out, err = run_cli(*args, "--overwrite")
+    assert code == adl.EXIT_NO_SPACE, (out, err)
+    [line] = error_lines(err)
+    free, kept = adl.format_size(total + 2 * MiB), adl.format_size(64 * MiB // 20)
+    assert f"{free} is free and {kept} of it is kept free" in line, line
