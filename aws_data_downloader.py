@@ -108,7 +108,7 @@ EXIT_USAGE = 2  #: bad command line, config, or download directory
 EXIT_CREDENTIALS = 3  #: credentials rejected, or nothing accessible
 EXIT_LOCKED = 4  #: another run holds the download directory's lock
 EXIT_NO_SPACE = 5  #: not enough free disk space (before the run, or the disk filled during it)
-EXIT_NOTHING_LISTED = 6  #: a bucket or prefix given lists no objects at all (a typo?); the rest is done
+EXIT_NOTHING_LISTED = 6  #: a bucket given does not exist, or a bucket or prefix lists no objects (a typo?)
 EXIT_INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; a re-run continues
 
 
@@ -139,6 +139,16 @@ class NothingAccessibleError(DownloaderError):
     """No bucket could be read: all named ones are missing or denied, or the account has none."""
 
     exit_code = EXIT_CREDENTIALS
+
+
+class CannotConnectError(DownloaderError):
+    """No connection to S3 could be opened (nothing listening at the endpoint, no such host)."""
+
+
+class NoSuchBucketError(NothingAccessibleError):
+    """Every bucket named does not exist: a typo, not a permission problem."""
+
+    exit_code = EXIT_NOTHING_LISTED
 
 
 class LockedError(DownloaderError):
@@ -2280,6 +2290,25 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
 
 
+def cannot_connect(exc: BaseException) -> str | None:
+    """Why no connection could be opened at all (nothing listening, no such host), or None. Unlike a fault of
+    one request, waiting long rarely cures it: the first contact of a run gives it a few seconds only."""
+    import socket
+
+    import botocore.exceptions
+
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        exc = exc.kwargs.get("error") or exc
+        exc = getattr(exc, "__context__", None) or exc  # urllib3 wraps the socket's error
+    if isinstance(exc, ConnectionRefusedError) or "Connection refused" in str(exc):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror) or "Name or service not known" in str(exc):
+        return "host name not found"
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return "cannot connect"
+    return None
+
+
 def failure_reason(exc: BaseException) -> str:
     """The user's words for a final failure, grouped in the summary."""
     if isinstance(exc, UnsafeKeyError):
@@ -2319,7 +2348,9 @@ class Attempts:
     wait ends the request as Interrupted.
     """
 
-    def __init__(self, what: str, config: Config, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self, what: str, config: Config, stop: threading.Event | None = None, connect_wait_s: float | None = None
+    ) -> None:
         #: What the request is for, in the retry log line ("bucket/key", "listing of bucket").
         self.what = what
         self.limit = config.retry_attempts
@@ -2327,6 +2358,8 @@ class Attempts:
         self.stop = stop
         #: Failed tries so far.
         self.failures = 0
+        #: Seconds of waiting allowed for tries that could not connect at all (None: as for any fault).
+        self.connect_wait_s = connect_wait_s
 
     def failed(self, exc: BaseException) -> None:
         """Return after the backoff when another try may cure ``exc``; otherwise raise it."""
@@ -2339,6 +2372,11 @@ class Attempts:
         if self.failures > self.limit or not is_retryable(exc):
             return False
         delay = backoff_delay(self.failures - 1, self.backoff_s)
+        if self.connect_wait_s is not None and cannot_connect(exc):
+            if self.connect_wait_s <= 0:
+                return False
+            delay = min(delay, self.connect_wait_s)
+            self.connect_wait_s -= delay
         log.info(
             "Retrying %s (attempt %d of %d) after %s; waiting %.2fs",
             self.what,
@@ -2376,6 +2414,8 @@ class BucketProblem:
 
     bucket: str
     reason: str
+    #: The bucket does not exist (a typo, usually), as opposed to one that exists but cannot be read.
+    missing: bool = False
 
 
 def bucket_problem(bucket: str, exc: BaseException, anonymous: bool, denied: bool = False) -> BucketProblem:
@@ -2388,7 +2428,7 @@ def bucket_problem(bucket: str, exc: BaseException, anonymous: bool, denied: boo
         raise CredentialsError(problem) from None
     status, code = error_code(exc)
     if not denied and is_missing(status, code):
-        return BucketProblem(bucket, f"bucket '{bucket}' does not exist")
+        return BucketProblem(bucket, f"bucket '{bucket}' does not exist", missing=True)
     if denied or is_denied(status, code):
         reason = f"Access Denied for bucket '{bucket}'"
         if anonymous:
@@ -2432,6 +2472,9 @@ def unreachable(exc: BaseException, what: str) -> Exception:
     problem = credentials_problem(exc)
     if problem:
         return CredentialsError(problem)
+    reason = cannot_connect(exc)
+    if reason:
+        return CannotConnectError(reason)
     if is_retryable(exc) or isinstance(exc, botocore.exceptions.BotoCoreError):
         return DownloaderError(f"{what}: {exc}")
     return exc  # a bug: let it show as one
@@ -4135,9 +4178,9 @@ class DownloadSummary:
     @property
     def exit_code(self) -> int:
         """What the CLI exits with for a run that ran to its end (a stopped run raises instead)."""
-        if self.failed or self.bucket_problems:
+        if self.failed or any(not problem.missing for problem in self.bucket_problems):
             return EXIT_FAILED
-        return EXIT_NOTHING_LISTED if self.nothing_under else EXIT_OK
+        return EXIT_NOTHING_LISTED if self.nothing_under or self.bucket_problems else EXIT_OK
 
     def filtered_text(self) -> str:
         """'17 (size > max 12, extension 5)': the objects left out, most common rule first."""
@@ -4652,22 +4695,43 @@ class _Run:
         """The tries of one request of this run (the Retries section)."""
         return Attempts(what, self.config, self.stop)
 
+    #: Seconds discovery waits, in all, for a server it cannot connect to before saying so.
+    CONNECT_WAIT_S = 3.0
+
+    def first_contact(self, what: str) -> Attempts:
+        """The tries of a discovery request: nothing listening at the endpoint is said after a few seconds."""
+        return Attempts(what, self.config, self.stop, connect_wait_s=self.CONNECT_WAIT_S)
+
+    def endpoint_text(self) -> tuple[str, str]:
+        """Where the requests go, and what to check, for the cannot-connect error."""
+        endpoint = resolve_endpoint_url(self.config)
+        if endpoint:
+            return endpoint, "is the server running, and is --endpoint-url right?"
+        region = self.config.region or self.clients.get().meta.region_name
+        return f"https://s3.{region}.amazonaws.com", "check the network and --region"
+
     def discover(self) -> None:
         """The buckets to read: the manifest's, the named ones that are readable, or every readable one."""
         if self.manifest_objects is not None:
             self.buckets = list(dict.fromkeys(obj.bucket for obj in self.manifest_objects))
         else:
-            names = self.config.buckets or account_buckets(self.clients.get(), self.attempts)
-            self.buckets, self.problems = discover_buckets(self.engine, names, self.attempts)
+            try:
+                names = self.config.buckets or account_buckets(self.clients.get(), self.first_contact)
+                self.buckets, self.problems = discover_buckets(self.engine, names, self.first_contact)
+            except CannotConnectError as exc:
+                where, check = self.endpoint_text()
+                raise CannotConnectError(f"cannot reach S3 at {where}: {exc} ({check})") from None
             if not self.config.no_sign_request and self.buckets:
                 log.info("AWS credentials validated successfully")
-            for problem in self.problems:
-                log.warning("%s", problem.reason)
-            if not self.buckets:
+            if not self.buckets:  # the error says why, once
                 reasons = "; ".join(problem.reason for problem in self.problems)
+                if self.problems and all(problem.missing for problem in self.problems):
+                    raise NoSuchBucketError(reasons)
                 if self.config.buckets:
                     raise NothingAccessibleError(reasons or "no bucket could be read")
                 raise NothingAccessibleError("no accessible buckets found for these credentials")
+            for problem in self.problems:
+                log.warning("%s", problem.reason)
         log.info("Discovered %d accessible bucket%s", len(self.buckets), "" if len(self.buckets) == 1 else "s")
 
     def open_outputs(self) -> None:

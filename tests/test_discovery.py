@@ -50,20 +50,20 @@ def test_an_account_without_buckets_exits_3(s3: S3Server, run_cli) -> None:
     assert out == ""
 
 
-def test_the_only_named_bucket_missing_exits_3_naming_it(s3: S3Server, tmp_path: Path, run_cli) -> None:
+def test_the_only_named_bucket_missing_exits_6_naming_it_once(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    """A typo, not a permission problem: exit 6 (as for a prefix that lists nothing), and said once."""
     code, out, err = run_cli("--buckets", "no-such-bucket", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert "Error: bucket 'no-such-bucket' does not exist" in err
+    assert err.count("does not exist") == 1, err
     assert "Traceback" not in err and out == ""
 
 
-def test_a_missing_bucket_beside_a_good_one_fails_the_run_after_downloading(
-    s3: S3Server, tmp_path: Path, run_cli
-) -> None:
+def test_a_missing_bucket_beside_a_good_one_exits_6_after_downloading(s3: S3Server, tmp_path: Path, run_cli) -> None:
     s3.make_bucket("good-bkt")
     s3.put("good-bkt", "g.txt", b"good")
     code, out, err = run_cli("--buckets", "good-bkt", "gone-bkt", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert (tmp_path / "data" / "good-bkt" / "g.txt").read_bytes() == b"good"
     assert "WARNING - bucket 'gone-bkt' does not exist" in err
     assert "Discovered 1 accessible bucket\n" in err
@@ -71,8 +71,10 @@ def test_a_missing_bucket_beside_a_good_one_fails_the_run_after_downloading(
 
     code, out, _err = run_cli("--buckets", "good-bkt", "gone-bkt", "--download-dir", "data", "--json", *s3.args())
     summary = json.loads(out)
-    assert code == adl.EXIT_FAILED
-    assert summary["bucket_problems"] == [{"bucket": "gone-bkt", "reason": "bucket 'gone-bkt' does not exist"}]
+    assert code == adl.EXIT_NOTHING_LISTED, out
+    assert summary["bucket_problems"] == [
+        {"bucket": "gone-bkt", "reason": "bucket 'gone-bkt' does not exist", "missing": True}
+    ]
     assert summary["buckets"] == ["good-bkt"]
 
 
@@ -81,7 +83,7 @@ def test_the_api_raises_the_same_error_instead_of_exiting(s3: S3Server) -> None:
     with pytest.raises(adl.NothingAccessibleError, match=r"^bucket 'no-such-bucket' does not exist$") as caught:
         downloader.run_full_download()
     assert isinstance(caught.value, adl.DownloaderError)
-    assert caught.value.exit_code == adl.EXIT_CREDENTIALS
+    assert caught.value.exit_code == adl.EXIT_NOTHING_LISTED
 
 
 @pytest.mark.parametrize("engine", ["http", "boto3"])
@@ -97,7 +99,7 @@ def test_discover_buckets_against_the_server(s3: S3Server, engine: str) -> None:
 
     accessible, problems = adl.discover_buckets(requests, ["here-bkt", "here-bkt", "away-bkt"], attempts)
     assert accessible == ["here-bkt"]
-    assert problems == [adl.BucketProblem("away-bkt", "bucket 'away-bkt' does not exist")]
+    assert problems == [adl.BucketProblem("away-bkt", "bucket 'away-bkt' does not exist", missing=True)]
     assert adl.account_buckets(clients.get(), attempts) == ["here-bkt"]
 
 

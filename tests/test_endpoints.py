@@ -301,7 +301,7 @@ def test_named_buckets_on_a_path_style_endpoint_report_problems_like_botocore(
 ) -> None:
     seed(s3, "here")
     code, _out, err = run_cli("--buckets", "here", "not-here", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_NOTHING_LISTED, err
     assert "bucket 'not-here' does not exist" in err
     assert_downloaded(tmp_path / "data", "here")
 

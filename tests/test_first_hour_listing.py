@@ -1,13 +1,15 @@
-"""What a new user trips on, in the listing: a selection that matches nothing is said by name and exits 6 (a
-typo'd prefix in a cron job must not "succeed" for ever), and the objects the filters leave out are counted by
-rule in the summary, the JSON and the log.
+"""What a new user trips on, in discovery and the listing: a selection that matches nothing is said by name and
+exits 6 (a typo'd prefix in a cron job must not "succeed" for ever), the objects the filters leave out are
+counted by rule in the summary, the JSON and the log, and an endpoint with nothing listening is one message.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 from conftest import MiB, S3Server, cli_json, write_config
 
 import aws_data_downloader as adl
@@ -127,3 +129,30 @@ def test_the_python_api_reports_the_same(s3: S3Server, tmp_path: Path) -> None:
     assert not summary.ok
     assert summary.exit_code == 6
     assert summary.nothing_under == ("s3://road-data/coryel/",)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["--buckets", "all-buckets"])
+def test_nothing_listening_at_the_endpoint_is_one_message_naming_it(run_cli, tmp_path: Path, named: bool) -> None:
+    """The same error with and without --buckets, naming the endpoint and what to check, after a few seconds of
+    retries at most (the waits the retry lines announce add up to no more than CONNECT_WAIT_S)."""
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    argv = ["--buckets", "road-data"] if named else []
+    code, out, err = run_cli(*argv, "--download-dir", str(tmp_path / "data"), "--endpoint-url", endpoint)
+    assert code == adl.EXIT_FAILED, (out, err)
+    [error] = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert error == (
+        f"Error: cannot reach S3 at {endpoint}: connection refused "
+        "(is the server running, and is --endpoint-url right?)"
+    )
+    waits = [float(m) for m in re.findall(r"waiting ([0-9.]+)s", err)]
+    assert waits, err  # it did retry
+    assert sum(waits) <= adl._Run.CONNECT_WAIT_S + 0.01, err
+    assert "Traceback" not in err and out == ""

@@ -140,15 +140,15 @@ def test_quiet_prints_only_errors_and_the_summary(s3: S3Server, tmp_path: Path, 
     assert "Discovered 1 accessible bucket" in (tmp_path / "aws_downloader.log").read_text()
 
     code, out, err = run_cli("--buckets", "missing-bkt", "--download-dir", "data", "--quiet", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert err == "Error: bucket 'missing-bkt' does not exist\n"
     assert out == ""
 
 
 def test_an_error_is_shown_once_on_the_console_and_kept_in_the_log(s3: S3Server, tmp_path: Path, run_cli) -> None:
     code, _out, err = run_cli("--buckets", "absent-bkt", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
-    assert err.count("bucket 'absent-bkt' does not exist") == 2  # the warning, then the one "Error:" line
+    assert code == adl.EXIT_NOTHING_LISTED, err
+    assert err.count("bucket 'absent-bkt' does not exist") == 1, err  # the one "Error:" line, no warning before it
     assert err.splitlines()[-1] == "Error: bucket 'absent-bkt' does not exist"
     assert (
         "ERROR - aws_data_downloader - bucket 'absent-bkt' does not exist"

@@ -111,7 +111,7 @@ def test_run_errors_are_exceptions_not_exits(s3: S3Server) -> None:
     downloader = adl.AWSDataDownloader({"buckets": ["does-not-exist"], "endpoint_url": s3.endpoint})
     with pytest.raises(adl.NothingAccessibleError, match="bucket 'does-not-exist' does not exist") as raised:
         downloader.run_full_download()
-    assert raised.value.exit_code == adl.EXIT_CREDENTIALS
+    assert raised.value.exit_code == adl.EXIT_NOTHING_LISTED
 
 
 def _adl_threads() -> set[threading.Thread]:

@@ -290,12 +290,12 @@ def test_cli_summary_and_exit_codes(seaweed: S3Server, tmp_path: Path, run_cli) 
 
     missing = unique_bucket("missing")
     code, out, err = run_cli("--buckets", bucket, missing, "--download-dir", "d", *seaweed.args())
-    assert code == adl.EXIT_FAILED, err  # the named bucket that could not be read makes the run incomplete
+    assert code == adl.EXIT_NOTHING_LISTED, err  # a named bucket that does not exist makes the run incomplete
     assert f"Skipped:          {len(files)}" in out
     assert f"Bucket not downloaded: bucket '{missing}' does not exist" in out
 
     code, out, err = run_cli("--buckets", missing, "--download-dir", "d", *seaweed.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_NOTHING_LISTED, err
     assert f"Error: bucket '{missing}' does not exist" in err
 
 

@@ -99,7 +99,7 @@ def test_to_dict_round_trips_through_json() -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["failures"] == [{"bucket": "bkt", "key": "a.png", "reason": "access denied"}]
     assert data["failures_by_reason"] == {"access denied": 1}
-    assert data["bucket_problems"] == [{"bucket": "gone", "reason": "bucket 'gone' does not exist"}]
+    assert data["bucket_problems"] == [{"bucket": "gone", "reason": "bucket 'gone' does not exist", "missing": False}]
     assert data["success_rate"] == 99.51
     assert data["total_files"] == 1234 and data["download_dir"] == "/data"
 
@@ -155,7 +155,7 @@ def test_api_errors_are_downloader_errors_with_the_cli_message(s3: S3Server, no_
         adl.AWSDataDownloader({"buckets": ["nope-bkt"], "endpoint_url": s3.endpoint}).run_full_download()
     assert isinstance(caught.value, adl.DownloaderError)
     code, _out, err = run_cli("--buckets", "nope-bkt", *s3.args())
-    assert code == caught.value.exit_code == adl.EXIT_CREDENTIALS
+    assert code == caught.value.exit_code == adl.EXIT_NOTHING_LISTED
     assert f"Error: {caught.value}\n" in err
 
     with pytest.raises(adl.ConfigError, match="'parallel_downloads'") as caught_config:
