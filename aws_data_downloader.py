@@ -4773,9 +4773,9 @@ class _Run:
 
     def listing_complete(self) -> None:
         self.progress.set_total(self.tally.total)
-        if not self.stop.is_set():
-            size = format_size(self.tally.total_bytes)
-            log.info("Found %s objects to download (%s); listing complete", f"{self.tally.total:,}", size)
+        if not self.stop.is_set():  # found, not "to download": the summary says how many were skipped
+            count, size = self.tally.total, format_size(self.tally.total_bytes)
+            log.info("Found %s object%s (%s); listing complete", f"{count:,}", "" if count == 1 else "s", size)
         for place in self.nothing_under():
             log.warning("No objects under %s: check the bucket and prefix", place)
         filtered = self.tally.filtered
@@ -5365,7 +5365,11 @@ def _install_signal_handlers(downloader: AWSDataDownloader) -> dict[int, Any]:
             os.write(2, b"Second interrupt: exiting now; a re-run continues from the resume journal.\n")
             os._exit(EXIT_INTERRUPTED)
         downloader.stop("interrupted")
-        os.write(2, b"Stopping: finishing in-flight files (press Ctrl-C again to exit at once)...\n")
+        os.write(
+            2,
+            b"Stopping: no new files are started; in-flight ones stop at their next chunk, large ones keeping their "
+            b"bytes for a re-run (press Ctrl-C again to exit at once)...\n",
+        )
 
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
