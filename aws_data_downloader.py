@@ -226,12 +226,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("include", "list", [], "Keep only keys matching one of these globs; empty keeps all.", "--include"),
     Option("exclude", "list", [], "Drop keys matching any of these globs.", "--exclude"),
-    Option("min_file_size_mb", "float", 0.0, "Skip objects smaller than this (MB).", "--min-size-mb", minimum=0),
+    Option("min_file_size_mb", "float", 0.0, "Skip objects smaller than this (MiB).", "--min-size-mb", minimum=0),
     Option(
         "max_file_size_mb",
         "float",
         None,
-        "Skip objects larger than this (MB); null means no limit.",
+        "Skip objects larger than this (MiB); null means no limit.",
         "--max-size-mb",
         minimum=0,
         nullable=True,
@@ -283,7 +283,7 @@ OPTIONS: tuple[Option, ...] = (
         "multipart_threshold_mb",
         "float",
         16.0,
-        "Objects at least this large (MB) resume across runs: streamed with journaled checkpoints (ranged parts with --no-verify; multipart objects always go by parts).",
+        "Objects at least this large (MiB) resume across runs: streamed with journaled checkpoints (ranged parts with --no-verify; multipart objects always go by parts).",
         "--multipart-threshold-mb",
         minimum=1,
     ),
@@ -291,7 +291,7 @@ OPTIONS: tuple[Option, ...] = (
         "multipart_chunksize_mb",
         "float",
         8.0,
-        "Part size (MB) for ranged fetches when the object's own part size is unknown or not needed.",
+        "Part size (MiB) for ranged fetches when the object's own part size is unknown or not needed.",
         minimum=1,
     ),
     Option("region", "str", None, "AWS region; default from the environment or profile.", "--region", nullable=True),
@@ -5258,7 +5258,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = "N"
         elif option.kind == "float":
             kwargs["type"] = float
-            kwargs["metavar"] = "MB" if option.key.endswith("_mb") else "X"
+            kwargs["metavar"] = "MiB" if option.key.endswith("_mb") else "X"
         elif option.kind == "choice":
             kwargs["choices"] = option.choices
         else:
