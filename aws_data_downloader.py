@@ -3853,6 +3853,16 @@ class ResumeJournal:
     def __len__(self) -> int:
         return len(self._completed)
 
+    def unfinished(self) -> tuple[int, int]:
+        """(objects, bytes) of large objects begun and not finished, as a re-run finds them on disk: their
+        journaled parts, plus the bytes inside the parts that were in flight (their progress slots)."""
+        with self._lock:
+            entries = list(self._partial.values())
+        journaled = sum(
+            size for entry in entries for index, size in enumerate(entry["layout"]) if index in entry["done"]
+        )
+        return len(entries), journaled + self.progress.bytes_done()
+
     # -- writing ----------------------------------------------------------------------------------------
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -3994,6 +4004,13 @@ class ProgressSlots:
                 self._slots[ident] = slot
             return slot
 
+    def bytes_done(self) -> int:
+        """Bytes on disk inside the parts whose slots are held: in flight when the run stopped, or parked."""
+        with self._lock:
+            if self._map is None:
+                return sum(done for done, _crc in self._kept.values())
+            return sum(self._FORMAT.unpack_from(self._map, slot * self.SLOT)[1] for slot in self._slots.values())
+
     def update(self, slot: int, ident: bytes, done: int, crc: int) -> None:
         head = struct.pack("<16sQQ", ident, done, crc)
         self._map[slot * self.SLOT : slot * self.SLOT + 36] = head + struct.pack("<I", zlib.crc32(head))
@@ -4059,6 +4076,9 @@ class NullJournal:
     def compact(self) -> None:
         pass
 
+    def unfinished(self) -> tuple[int, int]:
+        return 0, 0
+
     def close(self) -> None:
         pass
 
@@ -4111,6 +4131,15 @@ class DownloadSummary:
     filtered: Mapping[str, int] = field(default_factory=dict)
     #: The buckets and prefixes given that list no objects at all, as s3:// URLs (a typo, usually).
     nothing_under: tuple[str, ...] = ()
+    #: Selected objects a stopped run did not finish (in flight, or not started yet).
+    interrupted_files: int = 0
+    #: Large objects begun and not finished, and their bytes on disk that a re-run continues from.
+    partial_files: int = 0
+    partial_bytes: int = 0
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.interrupted or self.stopped_reason is not None
 
     @property
     def average_speed(self) -> float:
@@ -4151,7 +4180,7 @@ class DownloadSummary:
         return grouped
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "total_files": self.total_files,
             "downloaded": self.downloaded,
             "skipped": self.skipped,
@@ -4175,31 +4204,66 @@ class DownloadSummary:
             "dry_run": self.dry_run,
             "interrupted": self.interrupted,
             "stopped_reason": self.stopped_reason,
+            "interrupted_files": self.interrupted_files,
+            "partial_files": self.partial_files,
+            "partial_bytes": self.partial_bytes,
         }
+        if self.dry_run:  # nothing was fetched: what would be, under its own keys; no speed, no success rate
+            data = {("would_download" if key == "downloaded" else key): value for key, value in data.items()}
+            data.update(downloaded_bytes=0, average_speed_mb_s=0.0, success_rate=None)
+            data["would_download_bytes"] = self.downloaded_bytes
+        return data
+
+    def _rows(self) -> list[tuple[str, str]]:
+        """The README's lines of a run, plus what a stopped run left: the objects it did not finish, and the
+        bytes of large ones on disk that a re-run continues from."""
+        rows = [
+            ("Total files:", f"{self.total_files:,}"),
+            ("Downloaded:", f"{self.downloaded:,}"),
+            ("Skipped:", f"{self.skipped:,}"),
+            ("Failed:", f"{self.failed:,}"),
+        ]
+        if self.stopped_early:
+            rows.append(("Interrupted:", f"{self.interrupted_files:,}"))
+        rows += [
+            ("Total size:", format_size(self.total_bytes)),
+            ("Downloaded size:", format_size(self.downloaded_bytes)),
+        ]
+        if self.partial_files:
+            files = f"{self.partial_files:,} unfinished file{'' if self.partial_files == 1 else 's'}"
+            rows.append(("Resumable:", f"{format_size(self.partial_bytes)} of {files}, kept on disk"))
+        return [
+            *rows,
+            ("Duration:", f"{self.duration_s:,.1f} seconds"),
+            ("Average speed:", f"{self.average_speed / MiB:.1f} MB/s"),
+            ("Success rate:", f"{self.success_rate:.1f}%"),
+        ]
+
+    def _dry_run_rows(self) -> list[tuple[str, str]]:
+        """What a run would do; nothing was fetched, so there is no speed and no success rate."""
+        return [
+            ("Total files:", f"{self.total_files:,}"),
+            ("Would download:", f"{self.downloaded:,} ({format_size(self.downloaded_bytes)})"),
+            ("Would skip:", f"{self.skipped:,}"),
+            ("Would fail:", f"{self.failed:,}"),
+            ("Total size:", format_size(self.total_bytes)),
+            ("Duration:", f"{self.duration_s:,.1f} seconds"),
+        ]
 
     def format(self) -> str:
         """The summary block, as the project README shows it."""
         rule = "=" * 60
         title = "DRY RUN SUMMARY (nothing was written)" if self.dry_run else "DOWNLOAD SUMMARY"
-        downloaded_label = "Would download:" if self.dry_run else "Downloaded:"
-        lines = [
-            rule,
-            title,
-            rule,
-            f"{'Total files:':<18}{self.total_files:,}",
-            f"{downloaded_label:<18}{self.downloaded:,}",
-            f"{'Skipped:':<18}{self.skipped:,}",
-            f"{'Failed:':<18}{self.failed:,}",
-            f"{'Total size:':<18}{format_size(self.total_bytes)}",
-            f"{('Download size:' if self.dry_run else 'Downloaded size:'):<18}{format_size(self.downloaded_bytes)}",
-            f"{'Duration:':<18}{self.duration_s:,.1f} seconds",
-            f"{'Average speed:':<18}{self.average_speed / MiB:.1f} MB/s",
-            f"{'Success rate:':<18}{self.success_rate:.1f}%",
-        ]
+        rows = self._dry_run_rows() if self.dry_run else self._rows()
         if self.filtered:
-            lines.append(f"{'Filtered out:':<18}{self.filtered_text()}")
+            rows.append(("Filtered out:", self.filtered_text()))
+        if self.download_dir:
+            rows.append(("Download dir:", self.download_dir))
+        if self.manifest and not self.dry_run:
+            rows.append(("Manifest:", self.manifest))
+        lines = [rule, title, rule, *(f"{label:<18}{value}" for label, value in rows)]
         if self.skipped_reasons:
-            lines.append("Skipped by reason:")
+            lines.append("Would skip, by reason:" if self.dry_run else "Skipped by reason:")
             lines += [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped_reasons.items())]
         grouped = self.failures_by_reason()
         if grouped:
@@ -4613,6 +4677,8 @@ class _Run:
     listed_all: bool = False
     #: Shuts the engine's sockets; a no-op until the engine exists.
     abort: Callable[[], None] = lambda: None
+    #: (objects, bytes) of large objects begun and not finished, read from the journal as the run closes.
+    unfinished: tuple[int, int] = (0, 0)
 
     def execute(self) -> DownloadSummary:
         """discover -> plan pages -> reserve disk -> dispatch -> finish."""
@@ -4832,6 +4898,7 @@ class _Run:
             engine.close()
         with contextlib.suppress(OSError):
             self.journal.compact()
+        self.unfinished = self.journal.unfinished()
         self.journal.close()
         self.manifest.close()
 
@@ -4881,6 +4948,9 @@ class _Run:
             stopped_reason=None if interrupted else stopped_reason,
             filtered=dict(tally.filtered),
             nothing_under=tuple(self.nothing_under()),
+            interrupted_files=tally.total - tally.finished if stopped_reason else 0,
+            partial_files=self.unfinished[0],
+            partial_bytes=self.unfinished[1],
         )
 
 

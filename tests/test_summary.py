@@ -75,7 +75,7 @@ def test_problems_interruptions_and_dry_runs_are_stated() -> None:
 
     dry = seed_like_summary(dry_run=True, downloaded=3, skipped=0, failed=0, total_files=3).format()
     assert "DRY RUN SUMMARY (nothing was written)" in dry
-    assert "Would download:   3" in dry and "Download size:" in dry
+    assert "Would download:   3 (14.8 GB)" in dry and "Success rate:" not in dry
 
 
 def test_rates_and_ok() -> None:
