@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -5375,19 +5376,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not args.verbose:
         level = max(level, logging.WARNING)
     downloader = AWSDataDownloader(config)
+    default = "aws_downloader_config.yaml"  # read above when present and no --config (not for --demo)
+    config_file = args.config or (default if Path(default).is_file() and not args.demo else None)
+    header = run_header(parser.prog, sys.argv[1:] if argv is None else argv, config_file, config)
     try:
         with cli_logging(level, config.log_file or None, downloader.redactor):
-            return _run_cli(args, downloader)
+            return _run_cli(args, downloader, header)
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
-def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
-    """Run once with logging set up; translate the outcome to output and an exit code."""
+def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader, header: str) -> int:
+    """Run once with logging set up; translate the outcome to output and an exit code. The log starts with
+    ``header`` and ends with the outcome line, so a log that stops short of one is a crash, not a run."""
+    started = time.monotonic()
     config = downloader.config
+    downloader.redactor.add_credentials(args.access_key, args.secret_key, args.session_token)
+    log.info("%s", header)
     if args.access_key or args.secret_key or args.session_token:
-        downloader.redactor.add_credentials(args.access_key, args.secret_key, args.session_token)
         log.warning(
             "Credentials given on the command line are visible to other users of this machine (ps); "
             "prefer AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile"
@@ -5422,7 +5429,56 @@ def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
             print(json.dumps(summary.to_dict()))
         else:
             print(summary.format())
+    # Without a summary the console's last line stays the one "Error: ..." line; the log file gets the outcome.
+    log.info("%s", run_outcome(code, summary, time.monotonic() - started), extra={"file_only": summary is None})
     return code
+
+
+#: The flags whose values never appear in the log's copy of the command line.
+SECRET_FLAGS = ("--secret-key", "--session-token")
+
+
+def masked_command_line(prog: str, argv: Sequence[str]) -> str:
+    """The command line as typed, with the values of SECRET_FLAGS masked, also as --flag=VALUE or abbreviated
+    (argparse takes --secret for --secret-key). The log handlers' redactor masks the access key id."""
+    words, hide = [shlex.quote(prog)], False
+    for word in argv:
+        name, equals, _value = word.partition("=")
+        secret = len(name) > 2 and any(flag.startswith(name) for flag in SECRET_FLAGS)
+        if hide:
+            words.append("****")
+        elif secret and equals:
+            words.append(f"{shlex.quote(name)}=****")
+        else:
+            words.append(shlex.quote(word))
+        hide = secret and not equals and not hide
+    return " ".join(words)
+
+
+def run_header(prog: str, argv: Sequence[str], config_file: str | None, config: Config) -> str:
+    """The line a run's log starts with: version, command line, config file and download directory."""
+    used = os.path.abspath(config_file) if config_file else "none"
+    root = Path(config.download_dir).expanduser().absolute()
+    command = masked_command_line(prog, argv)
+    return f"aws-data-downloader {__version__} starting: {command}; config file: {used}; download dir: {root}"
+
+
+def run_outcome(code: int, summary: DownloadSummary | None, seconds: float) -> str:
+    """The line a run's log ends with: exit code, counts, bytes and duration."""
+    if summary is None:
+        return f"Run finished: exit code {code}, before any object was listed, after {seconds:.1f} s"
+    total = f"{summary.total_files:,} object{'' if summary.total_files == 1 else 's'}"
+    if summary.dry_run:
+        fetched = f"{summary.downloaded:,} would be downloaded ({format_size(summary.downloaded_bytes)})"
+        counts = f"dry run, {total}: {fetched}, {summary.skipped:,} skipped, {summary.failed:,} failed"
+    else:
+        counts = f"{total}: {summary.downloaded:,} downloaded, {summary.skipped:,} skipped, {summary.failed:,} failed"
+        if summary.stopped_early:
+            counts += f", {summary.interrupted_files:,} interrupted"
+        counts += f"; {format_size(summary.downloaded_bytes)} downloaded"
+        if summary.partial_files:
+            counts += f", {format_size(summary.partial_bytes)} kept for resume"
+    return f"Run finished: exit code {code}; {counts}; {seconds:.1f} s"
 
 
 def _install_signal_handlers(downloader: AWSDataDownloader) -> dict[int, Any]:

@@ -172,4 +172,4 @@ def test_download_dir_that_is_a_file_is_a_config_error(s3: S3Server, tmp_path: P
         adl.AWSDataDownloader({"download_dir": "taken", "endpoint_url": s3.endpoint}).run_full_download()
     code, out, err = run_cli("--download-dir", "taken", *s3.args())
     assert code == adl.EXIT_USAGE and out == ""
-    assert err.startswith("Error: download directory ") and "Traceback" not in err
+    assert "\nError: download directory " in err and "Traceback" not in err
