@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -236,12 +237,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("include", "list", [], "Keep only keys matching one of these globs; empty keeps all.", "--include"),
     Option("exclude", "list", [], "Drop keys matching any of these globs.", "--exclude"),
-    Option("min_file_size_mb", "float", 0.0, "Skip objects smaller than this (MB).", "--min-size-mb", minimum=0),
+    Option("min_file_size_mb", "float", 0.0, "Skip objects smaller than this (MiB).", "--min-size-mb", minimum=0),
     Option(
         "max_file_size_mb",
         "float",
         None,
-        "Skip objects larger than this (MB); null means no limit.",
+        "Skip objects larger than this (MiB); null means no limit.",
         "--max-size-mb",
         minimum=0,
         nullable=True,
@@ -293,7 +294,7 @@ OPTIONS: tuple[Option, ...] = (
         "multipart_threshold_mb",
         "float",
         16.0,
-        "Objects at least this large (MB) resume across runs: streamed with journaled checkpoints (ranged parts with --no-verify; multipart objects always go by parts).",
+        "Objects at least this large (MiB) resume across runs: streamed with journaled checkpoints (ranged parts with --no-verify; multipart objects always go by parts).",
         "--multipart-threshold-mb",
         minimum=1,
     ),
@@ -301,7 +302,7 @@ OPTIONS: tuple[Option, ...] = (
         "multipart_chunksize_mb",
         "float",
         8.0,
-        "Part size (MB) for ranged fetches when the object's own part size is unknown or not needed.",
+        "Part size (MiB) for ranged fetches when the object's own part size is unknown or not needed.",
         minimum=1,
     ),
     Option("region", "str", None, "AWS region; default from the environment or profile.", "--region", nullable=True),
@@ -3896,6 +3897,16 @@ class ResumeJournal:
     def __len__(self) -> int:
         return len(self._completed)
 
+    def unfinished(self) -> tuple[int, int]:
+        """(objects, bytes) of large objects begun and not finished, as a re-run finds them on disk: their
+        journaled parts, plus the bytes inside the parts that were in flight (their progress slots)."""
+        with self._lock:
+            entries = list(self._partial.values())
+        journaled = sum(
+            size for entry in entries for index, size in enumerate(entry["layout"]) if index in entry["done"]
+        )
+        return len(entries), journaled + self.progress.bytes_done()
+
     # -- writing ----------------------------------------------------------------------------------------
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -4037,6 +4048,13 @@ class ProgressSlots:
                 self._slots[ident] = slot
             return slot
 
+    def bytes_done(self) -> int:
+        """Bytes on disk inside the parts whose slots are held: in flight when the run stopped, or parked."""
+        with self._lock:
+            if self._map is None:
+                return sum(done for done, _crc in self._kept.values())
+            return sum(self._FORMAT.unpack_from(self._map, slot * self.SLOT)[1] for slot in self._slots.values())
+
     def update(self, slot: int, ident: bytes, done: int, crc: int) -> None:
         head = struct.pack("<16sQQ", ident, done, crc)
         self._map[slot * self.SLOT : slot * self.SLOT + 36] = head + struct.pack("<I", zlib.crc32(head))
@@ -4102,6 +4120,9 @@ class NullJournal:
     def compact(self) -> None:
         pass
 
+    def unfinished(self) -> tuple[int, int]:
+        return 0, 0
+
     def close(self) -> None:
         pass
 
@@ -4154,6 +4175,15 @@ class DownloadSummary:
     filtered: Mapping[str, int] = field(default_factory=dict)
     #: The buckets and prefixes given that list no objects at all, as s3:// URLs (a typo, usually).
     nothing_under: tuple[str, ...] = ()
+    #: Selected objects a stopped run did not finish (in flight, or not started yet).
+    interrupted_files: int = 0
+    #: Large objects begun and not finished, and their bytes on disk that a re-run continues from.
+    partial_files: int = 0
+    partial_bytes: int = 0
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.interrupted or self.stopped_reason is not None
 
     @property
     def average_speed(self) -> float:
@@ -4194,7 +4224,7 @@ class DownloadSummary:
         return grouped
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "total_files": self.total_files,
             "downloaded": self.downloaded,
             "skipped": self.skipped,
@@ -4218,31 +4248,66 @@ class DownloadSummary:
             "dry_run": self.dry_run,
             "interrupted": self.interrupted,
             "stopped_reason": self.stopped_reason,
+            "interrupted_files": self.interrupted_files,
+            "partial_files": self.partial_files,
+            "partial_bytes": self.partial_bytes,
         }
+        if self.dry_run:  # nothing was fetched: what would be, under its own keys; no speed, no success rate
+            data = {("would_download" if key == "downloaded" else key): value for key, value in data.items()}
+            data.update(downloaded_bytes=0, average_speed_mb_s=0.0, success_rate=None)
+            data["would_download_bytes"] = self.downloaded_bytes
+        return data
+
+    def _rows(self) -> list[tuple[str, str]]:
+        """The README's lines of a run, plus what a stopped run left: the objects it did not finish, and the
+        bytes of large ones on disk that a re-run continues from."""
+        rows = [
+            ("Total files:", f"{self.total_files:,}"),
+            ("Downloaded:", f"{self.downloaded:,}"),
+            ("Skipped:", f"{self.skipped:,}"),
+            ("Failed:", f"{self.failed:,}"),
+        ]
+        if self.stopped_early:
+            rows.append(("Interrupted:", f"{self.interrupted_files:,}"))
+        rows += [
+            ("Total size:", format_size(self.total_bytes)),
+            ("Downloaded size:", format_size(self.downloaded_bytes)),
+        ]
+        if self.partial_files:
+            files = f"{self.partial_files:,} unfinished file{'' if self.partial_files == 1 else 's'}"
+            rows.append(("Resumable:", f"{format_size(self.partial_bytes)} of {files}, kept on disk"))
+        return [
+            *rows,
+            ("Duration:", f"{self.duration_s:,.1f} seconds"),
+            ("Average speed:", f"{self.average_speed / MiB:.1f} MB/s"),
+            ("Success rate:", f"{self.success_rate:.1f}%"),
+        ]
+
+    def _dry_run_rows(self) -> list[tuple[str, str]]:
+        """What a run would do; nothing was fetched, so there is no speed and no success rate."""
+        return [
+            ("Total files:", f"{self.total_files:,}"),
+            ("Would download:", f"{self.downloaded:,} ({format_size(self.downloaded_bytes)})"),
+            ("Would skip:", f"{self.skipped:,}"),
+            ("Would fail:", f"{self.failed:,}"),
+            ("Total size:", format_size(self.total_bytes)),
+            ("Duration:", f"{self.duration_s:,.1f} seconds"),
+        ]
 
     def format(self) -> str:
         """The summary block, as the project README shows it."""
         rule = "=" * 60
         title = "DRY RUN SUMMARY (nothing was written)" if self.dry_run else "DOWNLOAD SUMMARY"
-        downloaded_label = "Would download:" if self.dry_run else "Downloaded:"
-        lines = [
-            rule,
-            title,
-            rule,
-            f"{'Total files:':<18}{self.total_files:,}",
-            f"{downloaded_label:<18}{self.downloaded:,}",
-            f"{'Skipped:':<18}{self.skipped:,}",
-            f"{'Failed:':<18}{self.failed:,}",
-            f"{'Total size:':<18}{format_size(self.total_bytes)}",
-            f"{('Download size:' if self.dry_run else 'Downloaded size:'):<18}{format_size(self.downloaded_bytes)}",
-            f"{'Duration:':<18}{self.duration_s:,.1f} seconds",
-            f"{'Average speed:':<18}{self.average_speed / MiB:.1f} MB/s",
-            f"{'Success rate:':<18}{self.success_rate:.1f}%",
-        ]
+        rows = self._dry_run_rows() if self.dry_run else self._rows()
         if self.filtered:
-            lines.append(f"{'Filtered out:':<18}{self.filtered_text()}")
+            rows.append(("Filtered out:", self.filtered_text()))
+        if self.download_dir:
+            rows.append(("Download dir:", self.download_dir))
+        if self.manifest and not self.dry_run:
+            rows.append(("Manifest:", self.manifest))
+        lines = [rule, title, rule, *(f"{label:<18}{value}" for label, value in rows)]
         if self.skipped_reasons:
-            lines.append("Skipped by reason:")
+            lines.append("Would skip, by reason:" if self.dry_run else "Skipped by reason:")
             lines += [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped_reasons.items())]
         grouped = self.failures_by_reason()
         if grouped:
@@ -4656,6 +4721,8 @@ class _Run:
     listed_all: bool = False
     #: Shuts the engine's sockets; a no-op until the engine exists.
     abort: Callable[[], None] = lambda: None
+    #: (objects, bytes) of large objects begun and not finished, read from the journal as the run closes.
+    unfinished: tuple[int, int] = (0, 0)
 
     def execute(self) -> DownloadSummary:
         """discover -> plan pages -> reserve disk -> dispatch -> finish."""
@@ -4837,9 +4904,9 @@ class _Run:
 
     def listing_complete(self) -> None:
         self.progress.set_total(self.tally.total)
-        if not self.stop.is_set():
-            size = format_size(self.tally.total_bytes)
-            log.info("Found %s objects to download (%s); listing complete", f"{self.tally.total:,}", size)
+        if not self.stop.is_set():  # found, not "to download": the summary says how many were skipped
+            count, size = self.tally.total, format_size(self.tally.total_bytes)
+            log.info("Found %s object%s (%s); listing complete", f"{count:,}", "" if count == 1 else "s", size)
         for place in self.nothing_under():
             log.warning("No objects under %s: check the bucket and prefix", place)
         filtered = self.tally.filtered
@@ -4896,6 +4963,7 @@ class _Run:
             engine.close()
         with contextlib.suppress(OSError):
             self.journal.compact()
+        self.unfinished = self.journal.unfinished()
         self.journal.close()
         self.manifest.close()
 
@@ -4945,6 +5013,9 @@ class _Run:
             stopped_reason=None if interrupted else stopped_reason,
             filtered=dict(tally.filtered),
             nothing_under=tuple(self.nothing_under()),
+            interrupted_files=tally.total - tally.finished if stopped_reason else 0,
+            partial_files=self.unfinished[0],
+            partial_bytes=self.unfinished[1],
         )
 
 
@@ -5322,7 +5393,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = "N"
         elif option.kind == "float":
             kwargs["type"] = float
-            kwargs["metavar"] = "MB" if option.key.endswith("_mb") else "X"
+            kwargs["metavar"] = "MiB" if option.key.endswith("_mb") else "X"
         elif option.kind == "choice":
             kwargs["choices"] = option.choices
         else:
@@ -5369,19 +5440,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not args.verbose:
         level = max(level, logging.WARNING)
     downloader = AWSDataDownloader(config)
+    default = "aws_downloader_config.yaml"  # read above when present and no --config (not for --demo)
+    config_file = args.config or (default if Path(default).is_file() and not args.demo else None)
+    header = run_header(parser.prog, sys.argv[1:] if argv is None else argv, config_file, config)
     try:
         with cli_logging(level, config.log_file or None, downloader.redactor):
-            return _run_cli(args, downloader)
+            return _run_cli(args, downloader, header)
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
-def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
-    """Run once with logging set up; translate the outcome to output and an exit code."""
+def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader, header: str) -> int:
+    """Run once with logging set up; translate the outcome to output and an exit code. The log starts with
+    ``header`` and ends with the outcome line, so a log that stops short of one is a crash, not a run."""
+    started = time.monotonic()
     config = downloader.config
+    downloader.redactor.add_credentials(args.access_key, args.secret_key, args.session_token)
+    log.info("%s", header)
     if args.access_key or args.secret_key or args.session_token:
-        downloader.redactor.add_credentials(args.access_key, args.secret_key, args.session_token)
         log.warning(
             "Credentials given on the command line are visible to other users of this machine (ps); "
             "prefer AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile"
@@ -5416,7 +5493,56 @@ def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader) -> int:
             print(json.dumps(summary.to_dict()))
         else:
             print(summary.format())
+    # Without a summary the console's last line stays the one "Error: ..." line; the log file gets the outcome.
+    log.info("%s", run_outcome(code, summary, time.monotonic() - started), extra={"file_only": summary is None})
     return code
+
+
+#: The flags whose values never appear in the log's copy of the command line.
+SECRET_FLAGS = ("--secret-key", "--session-token")
+
+
+def masked_command_line(prog: str, argv: Sequence[str]) -> str:
+    """The command line as typed, with the values of SECRET_FLAGS masked, also as --flag=VALUE or abbreviated
+    (argparse takes --secret for --secret-key). The log handlers' redactor masks the access key id."""
+    words, hide = [shlex.quote(prog)], False
+    for word in argv:
+        name, equals, _value = word.partition("=")
+        secret = len(name) > 2 and any(flag.startswith(name) for flag in SECRET_FLAGS)
+        if hide:
+            words.append("****")
+        elif secret and equals:
+            words.append(f"{shlex.quote(name)}=****")
+        else:
+            words.append(shlex.quote(word))
+        hide = secret and not equals and not hide
+    return " ".join(words)
+
+
+def run_header(prog: str, argv: Sequence[str], config_file: str | None, config: Config) -> str:
+    """The line a run's log starts with: version, command line, config file and download directory."""
+    used = os.path.abspath(config_file) if config_file else "none"
+    root = Path(config.download_dir).expanduser().absolute()
+    command = masked_command_line(prog, argv)
+    return f"aws-data-downloader {__version__} starting: {command}; config file: {used}; download dir: {root}"
+
+
+def run_outcome(code: int, summary: DownloadSummary | None, seconds: float) -> str:
+    """The line a run's log ends with: exit code, counts, bytes and duration."""
+    if summary is None:
+        return f"Run finished: exit code {code}, before any object was listed, after {seconds:.1f} s"
+    total = f"{summary.total_files:,} object{'' if summary.total_files == 1 else 's'}"
+    if summary.dry_run:
+        fetched = f"{summary.downloaded:,} would be downloaded ({format_size(summary.downloaded_bytes)})"
+        counts = f"dry run, {total}: {fetched}, {summary.skipped:,} skipped, {summary.failed:,} failed"
+    else:
+        counts = f"{total}: {summary.downloaded:,} downloaded, {summary.skipped:,} skipped, {summary.failed:,} failed"
+        if summary.stopped_early:
+            counts += f", {summary.interrupted_files:,} interrupted"
+        counts += f"; {format_size(summary.downloaded_bytes)} downloaded"
+        if summary.partial_files:
+            counts += f", {format_size(summary.partial_bytes)} kept for resume"
+    return f"Run finished: exit code {code}; {counts}; {seconds:.1f} s"
 
 
 def _install_signal_handlers(downloader: AWSDataDownloader) -> dict[int, Any]:
@@ -5429,7 +5555,11 @@ def _install_signal_handlers(downloader: AWSDataDownloader) -> dict[int, Any]:
             os.write(2, b"Second interrupt: exiting now; a re-run continues from the resume journal.\n")
             os._exit(EXIT_INTERRUPTED)
         downloader.stop("interrupted")
-        os.write(2, b"Stopping: finishing in-flight files (press Ctrl-C again to exit at once)...\n")
+        os.write(
+            2,
+            b"Stopping: no new files are started; in-flight ones stop at their next chunk, large ones keeping their "
+            b"bytes for a re-run (press Ctrl-C again to exit at once)...\n",
+        )
 
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):

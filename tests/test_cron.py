@@ -270,7 +270,7 @@ def test_signal_stops_cleanly_and_a_rerun_completes(
         code, out, err = run.wait()
         requested = {r.path for r in proxy.requests("GET", "/t/")}
     assert code == adl.EXIT_INTERRUPTED, err
-    assert "Stopping: finishing in-flight files" in err
+    assert "Stopping: no new files are started; in-flight ones stop at their next chunk" in err
     assert "Second interrupt" not in err
     # The summary so far, on stdout.
     assert "DOWNLOAD SUMMARY" in out and "Interrupted: run the same command again to continue." in out
