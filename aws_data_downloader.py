@@ -449,9 +449,13 @@ def _describe(option: Option) -> str:
     return "a string" + (" or null" if option.nullable else "")
 
 
-def check_value(option: Option, value: Any) -> Any:
-    """Coerce one config value to its kind, or raise ConfigError naming the key and what it takes."""
-    bad = ConfigError(f"config key '{option.key}' must be {_describe(option)}, got {value!r}")
+def check_value(option: Option, value: Any, name: str | None = None) -> Any:
+    """Coerce one config value to its kind, or raise ConfigError naming it and what it takes.
+
+    ``name`` is the value as the user wrote it (``--parallel``, ``parallel_downloads in config.yaml``, see
+    ConfigLayer.name); without it, the error names the config key.
+    """
+    bad = ConfigError(f"{name or f'config key {option.key!r}'} must be {_describe(option)}, got {value!r}")
     if value is None:
         if option.nullable or option.kind == "list":
             return None if option.nullable else ()
@@ -487,23 +491,71 @@ def check_value(option: Option, value: Any) -> Any:
     return value
 
 
-def build_config(*layers: Mapping[str, Any] | None) -> Config:
-    """Merge layers (later wins: defaults < file < flags) into a validated Config."""
+@dataclass(frozen=True, slots=True)
+class ConfigLayer:
+    """Settings from one place, and which place: an error names a bad value the way the user wrote it, as the
+    flag (``--parallel``), the key in its file (``parallel_downloads in config.yaml``), or the config key."""
+
+    #: Config keys and their values as read, not yet validated.
+    values: Mapping[str, Any]
+    #: "flags" (the command line), "file" (a config file), or "python" (a dict or keyword arguments).
+    origin: str = "python"
+    #: The config file as the user named it, for origin "file".
+    path: str | None = None
+
+    def name(self, key: str) -> str:
+        """How the user wrote ``key`` in this layer, for the start of an error message."""
+        flag = OPTIONS_BY_KEY[key].flag if key in OPTIONS_BY_KEY else None
+        if self.origin == "flags" and flag:
+            return flag
+        if self.origin == "file":
+            return f"{key} in {self.path}"
+        return f"config key '{key}'"
+
+
+#: Keys people put credentials under; they belong in the environment, a profile or a role.
+CREDENTIAL_KEYS = frozenset({"access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "session_token"})
+
+
+def unknown_key_error(key: Any, layer: ConfigLayer) -> ConfigError:
+    """The error for a key no option has, listing every key there is."""
+    key = str(key)  # YAML keys may be numbers or dates
+    where = f" in {layer.path}" if layer.origin == "file" else ""
+    if key in CREDENTIAL_KEYS:
+        hint = " (credentials do not belong in a config file: use environment variables or --profile)"
+    else:
+        hint = "; known keys: " + ", ".join(sorted(OPTIONS_BY_KEY))
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
+    """Merge layers (later wins: defaults < file < flags) into a validated Config.
+
+    A plain mapping's values are named in errors by their config key; a ConfigLayer's by how the user gave
+    them (the flag, or the key and its file), so the message says what to fix in the user's own words.
+    """
     merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in (layer or {}).items():
+    sources: dict[str, ConfigLayer] = {}
+    for given in layers:
+        layer = given if isinstance(given, ConfigLayer) else ConfigLayer(given or {})
+        for key, value in layer.values.items():
             if key not in OPTIONS_BY_KEY:
-                hint = ""
-                if key in ("access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "session_token"):
-                    hint = " (credentials do not belong in a config file: use environment variables or --profile)"
-                known = ", ".join(sorted(OPTIONS_BY_KEY))
-                raise ConfigError(f"unknown config key '{key}'{hint}; known keys: {known}")
-            merged[key] = check_value(OPTIONS_BY_KEY[key], value)
+                raise unknown_key_error(key, layer)
+            merged[key] = check_value(OPTIONS_BY_KEY[key], value, layer.name(key))
+            sources[key] = layer
+
+    def name(key: str) -> str:
+        return sources.get(key, ConfigLayer({})).name(key)
+
     config = Config(**merged)
     if config.max_file_size_mb is not None and config.max_file_size_mb < config.min_file_size_mb:
-        raise ConfigError("config key 'max_file_size_mb' must not be smaller than 'min_file_size_mb'")
+        raise ConfigError(
+            f"{name('max_file_size_mb')} ({config.max_file_size_mb:g}) must not be smaller than "
+            f"{name('min_file_size_mb')} ({config.min_file_size_mb:g})"
+        )
     if config.shard is not None:
-        parse_shard(config.shard, {})  # fail early on a malformed value; 'auto' is resolved at run time
+        # fail early on a malformed value; 'auto' is resolved at run time
+        parse_shard(config.shard, {}, name("shard"))
     return config
 
 
@@ -2586,11 +2638,14 @@ class Filters:
         )
 
 
-def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
-    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
+def parse_shard(text: str, environ: Mapping[str, str], name: str = "config key 'shard'") -> tuple[int, int]:
+    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job.
+
+    ``name`` is the value as the user wrote it (ConfigLayer.name), for the errors about its form.
+    """
     index_text, _, count_text = text.partition("/")
     if not count_text.isdecimal() or int(count_text) < 1:
-        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
+        raise ConfigError(f"{name} must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
     count = int(count_text)
     if index_text == "auto":
         if not environ:  # validation time: 'auto' is resolved when the run starts
@@ -2606,7 +2661,7 @@ def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
                 "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
             )
     if not index_text.isdecimal() or int(index_text) >= count:
-        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
+        raise ConfigError(f"{name} must have 0 <= I < N, got {text!r}")
     return int(index_text), count
 
 
@@ -4831,7 +4886,7 @@ class AWSDataDownloader:
         elif isinstance(config, Mapping):
             base = build_config(config)
         elif config is not None:
-            base = build_config(load_config_file(config))
+            base = build_config(ConfigLayer(load_config_file(config), "file", os.fspath(config)))
         else:
             base = Config()
         #: The validated settings; run_full_download's overrides apply to one run only.
@@ -5219,14 +5274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     try:
         file_values: dict[str, Any] = {}
-        if args.config:
-            file_values = load_config_file(args.config)
-        elif Path("aws_downloader_config.yaml").is_file() and not args.demo:
-            file_values = load_config_file("aws_downloader_config.yaml")
+        config_path = args.config
+        if not config_path and Path("aws_downloader_config.yaml").is_file() and not args.demo:
+            config_path = "aws_downloader_config.yaml"
+        if config_path:
+            file_values = load_config_file(config_path)
         flags = _flag_overrides(args)
         if args.demo:
             flags.setdefault("download_dir", "demo_data")
-        config = build_config(file_values, flags)
+        config = build_config(ConfigLayer(file_values, "file", config_path), ConfigLayer(flags, "flags"))
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code

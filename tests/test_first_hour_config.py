@@ -1,0 +1,87 @@
+"""The first hour with the tool (issue 12): errors that name what the user typed, a usable --help, and a README
+that says how to import the module, see its log and read the lock file. Each test runs the tool as a user would:
+the CLI (main(argv), or the installed command in a subprocess) or the Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import S3Server
+
+import aws_data_downloader as adl
+
+
+def error_line(code: int, out: str, err: str) -> str:
+    """The one stderr line of a usage error (exit 2, nothing on stdout, no traceback)."""
+    assert code == adl.EXIT_USAGE, err
+    assert "Traceback" not in err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def config_error(*args: object, **kwargs: object) -> str:
+    """The message of the ConfigError that AWSDataDownloader(*args, **kwargs) raises."""
+    with pytest.raises(adl.ConfigError) as raised:
+        adl.AWSDataDownloader(*args, **kwargs)  # type: ignore[arg-type]
+    assert raised.value.exit_code == adl.EXIT_USAGE
+    return str(raised.value)
+
+
+# -- point 12: a bad value is named as the user gave it --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--parallel", "0"], "Error: --parallel must be an integer from 1 to 512, got 0"),
+        (["--retry-attempts", "51"], "Error: --retry-attempts must be an integer from 0 to 50, got 51"),
+        (["--min-size-mb", "-2"], "Error: --min-size-mb must be a number >= 0, got -2.0"),
+        (["--min-size-mb", "5", "--max-size-mb", "1"], "Error: --max-size-mb (1) must not be smaller than --min-size-mb (5)"),
+        (["--shard", "3/2"], "Error: --shard must have 0 <= I < N, got '3/2'"),
+        (["--shard", "1of2"], "Error: --shard must look like 'I/N' or 'auto/N' with N >= 1, got '1of2'"),
+    ],
+)  # fmt: skip
+def test_a_bad_flag_value_names_the_flag(run_cli, argv: list[str], line: str) -> None:
+    assert error_line(*run_cli(*argv, "--dry-run")) == line
+
+
+def test_a_bad_value_in_a_config_file_names_the_key_and_the_file(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.yaml").write_text("parallel_downloads: 0\n")
+    assert error_line(*run_cli("--config", "config.yaml", "--dry-run")) == (
+        "Error: parallel_downloads in config.yaml must be an integer from 1 to 512, got 0"
+    )
+    (tmp_path / "aws_downloader_config.yaml").write_text("verify_checksums: maybe\n")
+    assert error_line(*run_cli("--dry-run")) == (
+        "Error: verify_checksums in aws_downloader_config.yaml must be true or false, got 'maybe'"
+    )
+
+
+def test_a_flag_and_a_file_value_that_clash_are_each_named(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.yaml").write_text("min_file_size_mb: 5\n")
+    assert error_line(*run_cli("--config", "config.yaml", "--max-size-mb", "1", "--dry-run")) == (
+        "Error: --max-size-mb (1) must not be smaller than min_file_size_mb in config.yaml (5)"
+    )
+
+
+def test_a_good_flag_overrides_a_file_value(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    s3.make_bucket("road-data")
+    s3.put("road-data", "a.bin", b"a")
+    (tmp_path / "config.yaml").write_text("parallel_downloads: 8\nbuckets: [road-data]\n")
+    code, _out, err = run_cli("--config", "config.yaml", "--parallel", "2", "--endpoint-url", s3.endpoint)
+    assert code == 0, err
+
+
+def test_python_api_names_the_key_or_the_file(tmp_path: Path) -> None:
+    assert config_error({"parallel_downloads": 0}) == (
+        "config key 'parallel_downloads' must be an integer from 1 to 512, got 0"
+    )
+    (tmp_path / "c.yaml").write_text("parallel_downloads: 0\n")
+    assert config_error(str(tmp_path / "c.yaml")) == (
+        f"parallel_downloads in {tmp_path / 'c.yaml'} must be an integer from 1 to 512, got 0"
+    )
+    assert (
+        config_error(None, retry_attempts=-1) == "config key 'retry_attempts' must be an integer from 0 to 50, got -1"
+    )
