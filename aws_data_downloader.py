@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import email.utils
 import errno
 import fnmatch
@@ -517,12 +518,25 @@ class ConfigLayer:
 CREDENTIAL_KEYS = frozenset({"access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "session_token"})
 
 
+def closest_key(key: str) -> str | None:
+    """The config key a mistyped one most likely meant: misspelt, or a flag's name written as a key
+    (``max_size_mb`` for ``max_file_size_mb``). The cutoff is above difflib's default, which offers
+    'prefixes' for 'retries'."""
+    candidates = {o.flag.lstrip("-").replace("-", "_"): o.key for o in OPTIONS if o.flag}
+    candidates.update((k, k) for k in OPTIONS_BY_KEY)
+    close = difflib.get_close_matches(key.lower().replace("-", "_"), candidates, n=1, cutoff=0.7)
+    return candidates[close[0]] if close else None
+
+
 def unknown_key_error(key: Any, layer: ConfigLayer) -> ConfigError:
-    """The error for a key no option has, listing every key there is."""
+    """The error for a key no option has: the likely meant key when there is one, else every key."""
     key = str(key)  # YAML keys may be numbers or dates
     where = f" in {layer.path}" if layer.origin == "file" else ""
+    meant = None if key in CREDENTIAL_KEYS else closest_key(key)
     if key in CREDENTIAL_KEYS:
         hint = " (credentials do not belong in a config file: use environment variables or --profile)"
+    elif meant:
+        hint = f"; did you mean '{meant}'?"
     else:
         hint = "; known keys: " + ", ".join(sorted(OPTIONS_BY_KEY))
     return ConfigError(f"unknown config key '{key}'{where}{hint}")

@@ -149,7 +149,7 @@ def test_the_seed_readme_range_value_is_an_error_naming_the_key(tmp_path: Path, 
 def test_unknown_key_in_a_file_exits_2(tmp_path: Path, run_cli) -> None:
     (tmp_path / "c.json").write_text('{"paralel_downloads": 4}')
     code, out, err = run_cli("--config", "c.json", "--dry-run")
-    assert_usage_error(code, out, err, "unknown config key 'paralel_downloads'", "known keys:")
+    assert_usage_error(code, out, err, "unknown config key 'paralel_downloads'", "did you mean 'parallel_downloads'")
 
 
 def test_credentials_in_a_file_exit_2_with_a_hint(tmp_path: Path, run_cli) -> None:

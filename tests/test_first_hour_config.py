@@ -11,6 +11,8 @@ from conftest import S3Server
 
 import aws_data_downloader as adl
 
+KNOWN_KEYS = ", ".join(sorted(adl.OPTIONS_BY_KEY))
+
 
 def error_line(code: int, out: str, err: str) -> str:
     """The one stderr line of a usage error (exit 2, nothing on stdout, no traceback)."""
@@ -85,3 +87,32 @@ def test_python_api_names_the_key_or_the_file(tmp_path: Path) -> None:
     assert (
         config_error(None, retry_attempts=-1) == "config key 'retry_attempts' must be an integer from 0 to 50, got -1"
     )
+
+
+# -- point 13: an unknown key suggests the one meant ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [("paralel_downloads", "parallel_downloads"), ("max_size_mb", "max_file_size_mb"), ("parallel", "parallel_downloads"),
+     ("Verify_Checksums", "verify_checksums"), ("extensions", "file_extensions")],
+)  # fmt: skip
+def test_unknown_key_in_a_file_suggests_the_closest(tmp_path: Path, run_cli, typed: str, meant: str) -> None:
+    (tmp_path / "config.yaml").write_text(f"{typed}: 4\n")
+    assert error_line(*run_cli("--config", "config.yaml", "--dry-run")) == (
+        f"Error: unknown config key '{typed}' in config.yaml; did you mean '{meant}'?"
+    )
+
+
+def test_unknown_key_with_nothing_close_lists_the_keys(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.json").write_text('{"retries": 3}')
+    assert error_line(*run_cli("--config", "config.json", "--dry-run")) == (
+        f"Error: unknown config key 'retries' in config.json; known keys: {KNOWN_KEYS}"
+    )
+
+
+def test_unknown_key_from_python_suggests_the_closest() -> None:
+    assert config_error({"paralel_downloads": 4}) == (
+        "unknown config key 'paralel_downloads'; did you mean 'parallel_downloads'?"
+    )
+    assert config_error(None, max_size_mb=3) == "unknown config key 'max_size_mb'; did you mean 'max_file_size_mb'?"
