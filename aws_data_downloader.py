@@ -582,23 +582,53 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".json":
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    if path.suffix.lower() == ".json":
+        try:
             data = json.loads(text) if text.strip() else {}
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError (via its __str__) land here
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+        except ValueError as exc:  # json.JSONDecodeError's message has the line and column
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    else:
+        data = _load_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, with any error as one line that keeps YAML's line and column.
+
+    A scalar that YAML resolves to a date can still fail to build ('2001-13-01' is a date with month 13):
+    safe_load raises a bare ValueError then, with no position, so each node's ValueError is given the node's
+    mark here.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except ValueError as exc:
+                kind = "date" if node.tag.endswith(":timestamp") else node.tag.rsplit(":", 1)[-1]
+                problem = f"{node.value} is not a valid {kind} ({exc}); quote it to keep it text"
+                raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader: builds only plain data, never objects
+    except yaml.MarkedYAMLError as exc:
+        message = exc.problem or exc.context or type(exc).__name__
+        if exc.problem_mark is not None:
+            message = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: {message}"
+        if exc.problem and exc.context and exc.context_mark is not None:
+            mark = exc.context_mark
+            message += f" ({exc.context} at line {mark.line + 1}, column {mark.column + 1})"
+        raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
+    except yaml.YAMLError as exc:  # a ReaderError (a character YAML does not allow) has no mark, a position
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
 
 
 def default_config_text() -> str:

@@ -116,3 +116,44 @@ def test_unknown_key_from_python_suggests_the_closest() -> None:
         "unknown config key 'paralel_downloads'; did you mean 'parallel_downloads'?"
     )
     assert config_error(None, max_size_mb=3) == "unknown config key 'max_size_mb'; did you mean 'max_file_size_mb'?"
+
+
+# -- point 14: YAML errors say YAML, with line and column ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("region: 2001-13-01\n",
+         "line 1, column 9: 2001-13-01 is not a valid date (month must be in 1..12); quote it to keep it text"),
+        ("download_dir: d\nbuckets: [a]\nregion: 2001-02-30\n",
+         "line 3, column 9: 2001-02-30 is not a valid date (day is out of range for month); quote it to keep it text"),
+        ("buckets: [road-data\nregion: us-east-1\n",
+         "line 2, column 7: expected ',' or ']', but got ':' (while parsing a flow sequence at line 1, column 10)"),
+        ("buckets: road-data\n  region: us-east-1\n", "line 2, column 9: mapping values are not allowed here"),
+        ("download_dir: 'data\n", "line 2, column 1: found unexpected end of stream "
+         "(while scanning a quoted scalar at line 1, column 15)"),
+    ],
+)  # fmt: skip
+def test_yaml_errors_keep_line_and_column(tmp_path: Path, run_cli, text: str, message: str) -> None:
+    (tmp_path / "config.yaml").write_text(text)
+    assert error_line(*run_cli("--config", "config.yaml", "--dry-run")) == (
+        f"Error: config file config.yaml is not valid YAML: {message}"
+    )
+    assert config_error(str(tmp_path / "config.yaml")) == (
+        f"config file {tmp_path / 'config.yaml'} is not valid YAML: {message}"
+    )
+
+
+def test_json_errors_still_say_json(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.json").write_text('{"buckets": ["a",]}')
+    assert error_line(*run_cli("--config", "config.json", "--dry-run")) == (
+        "Error: config file config.json is not valid JSON: Expecting value: line 1 column 18 (char 17)"
+    )
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.yaml").write_bytes(b"region: \xff\xfe\n")
+    assert error_line(*run_cli("--config", "config.yaml", "--dry-run")) == (
+        "Error: config file config.yaml is not UTF-8 text (byte 8)"
+    )
