@@ -492,6 +492,34 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
     return value
 
 
+def endpoint_url_problem(url: str) -> str | None:
+    """What is wrong with an endpoint URL, as the end of a "<name> must be ..." message, or None.
+
+    botocore refuses a URL without a scheme ('127.0.0.1:5123', 'localhost:5123') or with a host it cannot
+    use, but only when it builds its client, with a traceback; its own check runs here, while the config is
+    read, so the error is one line naming what the user typed. A port that is not a number would crash the
+    http engine, and another scheme would never reach an S3 server.
+    """
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        hint = ""
+        if "://" not in url and endpoint_url_problem("http://" + url) is None:
+            # a port, localhost or an IPv4 address: a local store, most likely without TLS
+            guess = urllib.parse.urlsplit("http://" + url)
+            local = guess.port or guess.hostname == "localhost" or (guess.hostname or "").replace(".", "").isdecimal()
+            hint = f"; did you mean '{'http' if local else 'https'}://{url}'?"
+        return f"must be a URL starting with http:// or https://, got {url!r}{hint}"
+    if not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+        return f"must name a valid host, got {url!r}"
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
+    except ValueError:
+        return f"must have a port from 0 to 65535, got {url!r}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigLayer:
     """Settings from one place, and which place: an error names a bad value the way the user wrote it, as the
@@ -570,6 +598,10 @@ def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
     if config.shard is not None:
         # fail early on a malformed value; 'auto' is resolved at run time
         parse_shard(config.shard, {}, name("shard"))
+    if config.endpoint_url:
+        problem = endpoint_url_problem(config.endpoint_url)
+        if problem:
+            raise ConfigError(f"{name('endpoint_url')} {problem}")
     return config
 
 
@@ -809,8 +841,21 @@ def _redact_resolved_credentials(session: Any, redactor: SecretRedactingFilter) 
 
 
 def resolve_endpoint_url(config: Config) -> str | None:
-    """The custom endpoint, if any: config/flag first, then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL."""
-    return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The custom endpoint, if any: config/flag first, then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL.
+
+    The config's value was checked with the config; a variable's is checked here, so a URL botocore would
+    refuse is a one-line error naming the variable.
+    """
+    if config.endpoint_url:
+        return config.endpoint_url
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(variable)
+        if value:
+            problem = endpoint_url_problem(value)
+            if problem:
+                raise ConfigError(f"{variable} {problem}")
+            return value
+    return None
 
 
 def make_client(session: Any, config: Config, region: str | None = None) -> Any:

@@ -32,6 +32,72 @@ def config_error(*args: object, **kwargs: object) -> str:
     return str(raised.value)
 
 
+# -- point 1: an endpoint botocore refuses is a usage error, not a traceback ----------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:5123", "localhost:5123"])
+def test_endpoint_without_a_scheme_is_a_usage_error_suggesting_http(run_cli, endpoint: str) -> None:
+    code, out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", endpoint)
+    assert error_line(code, out, err) == (
+        f"Error: --endpoint-url must be a URL starting with http:// or https://, got '{endpoint}'; "
+        f"did you mean 'http://{endpoint}'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("s3.example.com", "must be a URL starting with http:// or https://, got 's3.example.com'; "
+         "did you mean 'https://s3.example.com'?"),
+        ("ftp://127.0.0.1:5123", "must be a URL starting with http:// or https://, got 'ftp://127.0.0.1:5123'"),
+        ("http://bad_host:5123", "must name a valid host, got 'http://bad_host:5123'"),
+        ("http://127.0.0.1:port", "must have a port from 0 to 65535, got 'http://127.0.0.1:port'"),
+        ("http://127.0.0.1:99999", "must have a port from 0 to 65535, got 'http://127.0.0.1:99999'"),
+    ],
+)  # fmt: skip
+def test_any_endpoint_botocore_refuses_is_a_usage_error(run_cli, endpoint: str, message: str) -> None:
+    code, out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", endpoint)
+    assert error_line(code, out, err) == f"Error: --endpoint-url {message}"
+
+
+def test_endpoint_in_a_config_file_names_the_key_and_the_file(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "config.yaml").write_text("buckets: [road-data]\nendpoint_url: localhost:5123\n")
+    code, out, err = run_cli("--config", "config.yaml")
+    assert error_line(code, out, err) == (
+        "Error: endpoint_url in config.yaml must be a URL starting with http:// or https://, "
+        "got 'localhost:5123'; did you mean 'http://localhost:5123'?"
+    )
+
+
+def test_endpoint_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:5123")
+    code, out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--log-file", "")
+    assert error_line(code, out, err) == (
+        "Error: AWS_ENDPOINT_URL must be a URL starting with http:// or https://, got 'localhost:5123'; "
+        "did you mean 'http://localhost:5123'?"
+    )
+
+
+def test_python_api_raises_the_same_config_error_for_an_endpoint(tmp_path: Path) -> None:
+    assert config_error({"endpoint_url": "127.0.0.1:5123"}) == (
+        "config key 'endpoint_url' must be a URL starting with http:// or https://, got '127.0.0.1:5123'; "
+        "did you mean 'http://127.0.0.1:5123'?"
+    )
+    downloader = adl.AWSDataDownloader({"download_dir": str(tmp_path / "d")})
+    with pytest.raises(adl.ConfigError, match=r"^config key 'endpoint_url' must be a URL"):
+        downloader.run_full_download(endpoint_url="localhost:5123")
+    for good in ("http://127.0.0.1:5123", "https://s3.example.com", "http://[::1]:9000", "http://minio.lan"):
+        assert adl.AWSDataDownloader({"endpoint_url": good}).config.endpoint_url == good
+
+
+def test_a_good_endpoint_still_downloads(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    s3.make_bucket("road-data")
+    s3.put("road-data", "img/a.png", b"png")
+    code, _out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
+    assert code == 0, err
+    assert (tmp_path / "d" / "road-data" / "img" / "a.png").read_bytes() == b"png"
+
+
 # -- point 12: a bad value is named as the user gave it --------------------------------------------------------
 
 
