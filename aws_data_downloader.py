@@ -239,6 +239,7 @@ OPTIONS: tuple[Option, ...] = (
         "--max-size-mb",
         minimum=0,
         nullable=True,
+        flag_help="Skip objects larger than this (MB); no limit unless given.",
     ),
     Option(
         "verify_checksums",
@@ -5282,9 +5283,24 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
             logging.getLogger(name).setLevel(old)
 
 
+def _flag_help(option: Option) -> str:
+    """A flag's help with its default, as --help shows it; switches and empty or unset defaults need none."""
+    text = option.flag_help or option.help
+    if option.kind in ("bool", "list") or option.default is None:
+        return text
+    default = f"{option.default:g}" if option.kind == "float" else option.default
+    return f"{text.removesuffix('.')} (default: {default})."
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags: the hand-written ones, then one per OPTIONS entry with a flag, each help a sentence.
+
+    The program name is argparse's default, the name the user ran (``aws-data-downloader`` when installed,
+    ``aws_data_downloader.py`` as a script or with ``python -m``); -h is added by hand so that its help is a
+    sentence like the rest.
+    """
     parser = argparse.ArgumentParser(
-        prog="aws_data_downloader.py",
+        add_help=False,
         description="Download whole datasets from S3 and S3-compatible stores: parallel, verified, resumable.",
         epilog=(
             "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed; 2 usage, config or "
@@ -5293,30 +5309,32 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add("--config", metavar="PATH", help="YAML or JSON config file (default: ./aws_downloader_config.yaml if present)")
+    add("-h", "--help", action="help", help="Show this help and exit.")
+    add("--config", metavar="PATH", help="YAML or JSON config file (default: ./aws_downloader_config.yaml if present).")
     add(
         "--create-config",
         nargs="?",
         const="aws_downloader_config.yaml",
         metavar="PATH",
-        help="write the commented default config (refuses to overwrite) and exit",
+        help="Write the commented default config to PATH (default: aws_downloader_config.yaml; refuses to "
+        "overwrite) and exit.",
     )
-    add("--access-key", help="AWS access key id (prefer the environment: flags are visible to other users)")
-    add("--secret-key", help="AWS secret access key (prefer the environment)")
-    add("--session-token", help="AWS session token for temporary credentials")
-    add("--dry-run", action="store_true", help="list and filter, print what would be downloaded, write nothing")
-    add("--from-manifest", metavar="PATH", help="download exactly the objects (and versions) of a manifest")
-    add("--verbose", "-v", action="store_true", help="debug logging")
-    add("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    add("--demo", action="store_true", help="download a sample dataset from an embedded local S3 server")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--access-key", help="AWS access key id (prefer the environment: flags are visible to other users).")
+    add("--secret-key", help="AWS secret access key (prefer the environment).")
+    add("--session-token", help="AWS session token for temporary credentials.")
+    add("--dry-run", action="store_true", help="List and filter, print what would be downloaded, write nothing.")
+    add("--from-manifest", metavar="PATH", help="Download exactly the objects (and versions) of a manifest.")
+    add("--verbose", "-v", action="store_true", help="Debug logging.")
+    add("--json", action="store_true", help="Print the summary as one JSON object on stdout.")
+    add("--demo", action="store_true", help="Download a sample dataset from an embedded local S3 server.")
+    add("--version", action="version", version=f"%(prog)s {__version__}", help="Print the version and exit.")
     for option in OPTIONS:
         if option.flag is None:
             continue
         kwargs: dict[str, Any] = {
             "dest": option.key,
             "default": argparse.SUPPRESS,
-            "help": option.flag_help or option.help,
+            "help": _flag_help(option),
         }
         if option.kind == "bool":
             kwargs["action"] = "store_const"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_help_lists_every_flag_of_the_issue(run_cli) -> None:
 def test_version(run_cli) -> None:
     code, out, _err = run_cli("--version")
     assert code == 0
-    assert out.strip() == f"aws_data_downloader.py {adl.__version__}"
+    assert out.strip() == f"{Path(sys.argv[0]).name} {adl.__version__}"  # the name this process was run as
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,14 @@ the CLI (main(argv), or the installed command in a subprocess) or the Python API
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import S3Server
+from conftest import REPO, S3Server
 
 import aws_data_downloader as adl
 
@@ -223,3 +227,70 @@ def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path, run_cli
     assert error_line(*run_cli("--config", "config.yaml", "--dry-run")) == (
         "Error: config file config.yaml is not UTF-8 text (byte 8)"
     )
+
+
+# -- point 17: --help and --version, as the installed command ----------------------------------------------------
+
+
+def installed_command(tmp_path: Path) -> Path:
+    """A console script as pip writes one for the [project.scripts] entry point (pyproject.toml)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "aws-data-downloader"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import re\nimport sys\nfrom aws_data_downloader import console_main\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        "    sys.exit(console_main())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_version_and_help_name_the_command_the_user_ran(tmp_path: Path) -> None:
+    script = installed_command(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
+    version = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout == f"aws-data-downloader {adl.__version__}\n"
+    shown = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: aws-data-downloader [-h] ")
+    assert "aws_data_downloader.py" not in shown.stdout
+    script_run = subprocess.run(
+        [sys.executable, str(REPO / "aws_data_downloader.py"), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert script_run.stdout == f"aws_data_downloader.py {adl.__version__}\n"
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """{first flag: its help, joined onto one line} for every option in argparse's --help output."""
+    options = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries: dict[str, str] = {}
+    flag = ""
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            invocation, _, help_text = line.strip().partition("  ")
+            flag = invocation.split()[0].rstrip(",")
+            entries[flag] = help_text.strip()
+        else:
+            entries[flag] = f"{entries[flag]} {line.strip()}".strip()
+    return entries
+
+
+def test_help_shows_defaults_in_one_style_without_null(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _err = run_cli("--help")
+    assert code == 0
+    entries = help_entries(out)
+    assert {"-h", "--version", *(option.flag for option in adl.OPTIONS if option.flag)} <= set(entries)
+    assert entries["--parallel"].endswith("(default: 32).")
+    assert entries["--download-dir"].endswith("(default: data).")
+    assert entries["--retry-attempts"].endswith("(default: 5).")
+    assert entries["--min-size-mb"].endswith("(default: 0).")
+    assert entries["--log-file"].endswith("(default: aws_downloader.log).")
+    assert entries["--max-size-mb"] == "Skip objects larger than this (MB); no limit unless given."
+    for flag, help_text in entries.items():
+        assert help_text[:1].isupper() and help_text.endswith("."), (flag, help_text)
+        assert not re.search(r"\b(null|None)\b", help_text), (flag, help_text)
