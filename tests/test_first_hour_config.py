@@ -4,8 +4,10 @@ the CLI (main(argv), or the installed command in a subprocess) or the Python API
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +296,50 @@ def test_help_shows_defaults_in_one_style_without_null(monkeypatch: pytest.Monke
     for flag, help_text in entries.items():
         assert help_text[:1].isupper() and help_text.endswith("."), (flag, help_text)
         assert not re.search(r"\b(null|None)\b", help_text), (flag, help_text)
+
+
+# -- point 18: the README says how to import the module and see its log lines ------------------------------------
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n### {title}")
+    return text[start : text.index("\n### ", start + 1)]
+
+
+def test_readme_python_section_imports_from_the_checkout_and_shows_log_lines(s3: S3Server, tmp_path: Path) -> None:
+    section = readme_section("From Python")
+    assert "pip install ." in section
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "logging.basicConfig" in b]
+    assert blocks, "the README's Python section has no example that configures logging"
+    s3.make_bucket("my-road-data-bucket")
+    s3.put("my-road-data-bucket", "coryell/Co Rd 4235/img/000.png", b"\x89PNG" + b"x" * 100)
+    checkout = tmp_path / "checkout"  # a notebook started in the checkout: its directory is on sys.path
+    checkout.mkdir()
+    shutil.copy(REPO / "aws_data_downloader.py", checkout)
+    (checkout / "cell.py").write_text(blocks[0])
+    env = {k: v for k, v in s3.env().items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "cell.py"], cwd=checkout, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "INFO:aws_data_downloader:" in result.stderr
+    assert (checkout / "data" / "my-road-data-bucket" / "coryell" / "Co Rd 4235" / "img" / "000.png").exists()
+
+
+# -- point 19: the lock file stays after a run; the flock on it is what a second run meets -----------------------
+
+
+def test_lock_file_stays_after_a_run_unlocked_as_the_readme_says(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    s3.make_bucket("road-data")
+    s3.put("road-data", "a.bin", b"a")
+    code, _out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
+    assert code == 0, err
+    lock = tmp_path / "d" / ".aws_downloader.lock"
+    assert lock.is_file()
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run had left it locked
+    [line] = [line for line in (REPO / "README.md").read_text().splitlines() if ".aws_downloader.lock  " in line]
+    comment = line.split("#", 1)[1]
+    assert "stays" in comment and "flock" in comment
+    assert "held while a run is active" not in comment
