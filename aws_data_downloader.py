@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import email.utils
 import errno
 import fnmatch
@@ -246,6 +247,7 @@ OPTIONS: tuple[Option, ...] = (
         "--max-size-mb",
         minimum=0,
         nullable=True,
+        flag_help="Skip objects larger than this (MB); no limit unless given.",
     ),
     Option(
         "verify_checksums",
@@ -457,9 +459,13 @@ def _describe(option: Option) -> str:
     return "a string" + (" or null" if option.nullable else "")
 
 
-def check_value(option: Option, value: Any) -> Any:
-    """Coerce one config value to its kind, or raise ConfigError naming the key and what it takes."""
-    bad = ConfigError(f"config key '{option.key}' must be {_describe(option)}, got {value!r}")
+def check_value(option: Option, value: Any, name: str | None = None) -> Any:
+    """Coerce one config value to its kind, or raise ConfigError naming it and what it takes.
+
+    ``name`` is the value as the user wrote it (``--parallel``, ``parallel_downloads in config.yaml``, see
+    ConfigLayer.name); without it, the error names the config key.
+    """
+    bad = ConfigError(f"{name or f'config key {option.key!r}'} must be {_describe(option)}, got {value!r}")
     if value is None:
         if option.nullable or option.kind == "list":
             return None if option.nullable else ()
@@ -495,23 +501,116 @@ def check_value(option: Option, value: Any) -> Any:
     return value
 
 
-def build_config(*layers: Mapping[str, Any] | None) -> Config:
-    """Merge layers (later wins: defaults < file < flags) into a validated Config."""
+def endpoint_url_problem(url: str) -> str | None:
+    """What is wrong with an endpoint URL, as the end of a "<name> must be ..." message, or None.
+
+    botocore refuses a URL without a scheme ('127.0.0.1:5123', 'localhost:5123') or with a host it cannot
+    use, but only when it builds its client, with a traceback; its own check runs here, while the config is
+    read, so the error is one line naming what the user typed. A port that is not a number would crash the
+    http engine, and another scheme would never reach an S3 server.
+    """
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        hint = ""
+        if "://" not in url and endpoint_url_problem("http://" + url) is None:
+            # a port, localhost or an IPv4 address: a local store, most likely without TLS
+            guess = urllib.parse.urlsplit("http://" + url)
+            local = guess.port or guess.hostname == "localhost" or (guess.hostname or "").replace(".", "").isdecimal()
+            hint = f"; did you mean '{'http' if local else 'https'}://{url}'?"
+        return f"must be a URL starting with http:// or https://, got {url!r}{hint}"
+    if not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+        return f"must name a valid host, got {url!r}"
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
+    except ValueError:
+        return f"must have a port from 0 to 65535, got {url!r}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigLayer:
+    """Settings from one place, and which place: an error names a bad value the way the user wrote it, as the
+    flag (``--parallel``), the key in its file (``parallel_downloads in config.yaml``), or the config key."""
+
+    #: Config keys and their values as read, not yet validated.
+    values: Mapping[str, Any]
+    #: "flags" (the command line), "file" (a config file), or "python" (a dict or keyword arguments).
+    origin: str = "python"
+    #: The config file as the user named it, for origin "file".
+    path: str | None = None
+
+    def name(self, key: str) -> str:
+        """How the user wrote ``key`` in this layer, for the start of an error message."""
+        flag = OPTIONS_BY_KEY[key].flag if key in OPTIONS_BY_KEY else None
+        if self.origin == "flags" and flag:
+            return flag
+        if self.origin == "file":
+            return f"{key} in {self.path}"
+        return f"config key '{key}'"
+
+
+#: Keys people put credentials under; they belong in the environment, a profile or a role.
+CREDENTIAL_KEYS = frozenset({"access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "session_token"})
+
+
+def closest_key(key: str) -> str | None:
+    """The config key a mistyped one most likely meant: misspelt, or a flag's name written as a key
+    (``max_size_mb`` for ``max_file_size_mb``). The cutoff is above difflib's default, which offers
+    'prefixes' for 'retries'."""
+    candidates = {o.flag.lstrip("-").replace("-", "_"): o.key for o in OPTIONS if o.flag}
+    candidates.update((k, k) for k in OPTIONS_BY_KEY)
+    close = difflib.get_close_matches(key.lower().replace("-", "_"), candidates, n=1, cutoff=0.7)
+    return candidates[close[0]] if close else None
+
+
+def unknown_key_error(key: Any, layer: ConfigLayer) -> ConfigError:
+    """The error for a key no option has: the likely meant key when there is one, else every key."""
+    key = str(key)  # YAML keys may be numbers or dates
+    where = f" in {layer.path}" if layer.origin == "file" else ""
+    meant = None if key in CREDENTIAL_KEYS else closest_key(key)
+    if key in CREDENTIAL_KEYS:
+        hint = " (credentials do not belong in a config file: use environment variables or --profile)"
+    elif meant:
+        hint = f"; did you mean '{meant}'?"
+    else:
+        hint = "; known keys: " + ", ".join(sorted(OPTIONS_BY_KEY))
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
+    """Merge layers (later wins: defaults < file < flags) into a validated Config.
+
+    A plain mapping's values are named in errors by their config key; a ConfigLayer's by how the user gave
+    them (the flag, or the key and its file), so the message says what to fix in the user's own words.
+    """
     merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in (layer or {}).items():
+    sources: dict[str, ConfigLayer] = {}
+    for given in layers:
+        layer = given if isinstance(given, ConfigLayer) else ConfigLayer(given or {})
+        for key, value in layer.values.items():
             if key not in OPTIONS_BY_KEY:
-                hint = ""
-                if key in ("access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "session_token"):
-                    hint = " (credentials do not belong in a config file: use environment variables or --profile)"
-                known = ", ".join(sorted(OPTIONS_BY_KEY))
-                raise ConfigError(f"unknown config key '{key}'{hint}; known keys: {known}")
-            merged[key] = check_value(OPTIONS_BY_KEY[key], value)
+                raise unknown_key_error(key, layer)
+            merged[key] = check_value(OPTIONS_BY_KEY[key], value, layer.name(key))
+            sources[key] = layer
+
+    def name(key: str) -> str:
+        return sources.get(key, ConfigLayer({})).name(key)
+
     config = Config(**merged)
     if config.max_file_size_mb is not None and config.max_file_size_mb < config.min_file_size_mb:
-        raise ConfigError("config key 'max_file_size_mb' must not be smaller than 'min_file_size_mb'")
+        raise ConfigError(
+            f"{name('max_file_size_mb')} ({config.max_file_size_mb:g}) must not be smaller than "
+            f"{name('min_file_size_mb')} ({config.min_file_size_mb:g})"
+        )
     if config.shard is not None:
-        parse_shard(config.shard, {})  # fail early on a malformed value; 'auto' is resolved at run time
+        # fail early on a malformed value; 'auto' is resolved at run time
+        parse_shard(config.shard, {}, name("shard"))
+    if config.endpoint_url:
+        problem = endpoint_url_problem(config.endpoint_url)
+        if problem:
+            raise ConfigError(f"{name('endpoint_url')} {problem}")
     return config
 
 
@@ -524,23 +623,53 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".json":
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    if path.suffix.lower() == ".json":
+        try:
             data = json.loads(text) if text.strip() else {}
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError (via its __str__) land here
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+        except ValueError as exc:  # json.JSONDecodeError's message has the line and column
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    else:
+        data = _load_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, with any error as one line that keeps YAML's line and column.
+
+    A scalar that YAML resolves to a date can still fail to build ('2001-13-01' is a date with month 13):
+    safe_load raises a bare ValueError then, with no position, so each node's ValueError is given the node's
+    mark here.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except ValueError as exc:
+                kind = "date" if node.tag.endswith(":timestamp") else node.tag.rsplit(":", 1)[-1]
+                problem = f"{node.value} is not a valid {kind} ({exc}); quote it to keep it text"
+                raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader: builds only plain data, never objects
+    except yaml.MarkedYAMLError as exc:
+        message = exc.problem or exc.context or type(exc).__name__
+        if exc.problem_mark is not None:
+            message = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: {message}"
+        if exc.problem and exc.context and exc.context_mark is not None:
+            mark = exc.context_mark
+            message += f" ({exc.context} at line {mark.line + 1}, column {mark.column + 1})"
+        raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
+    except yaml.YAMLError as exc:  # a ReaderError (a character YAML does not allow) has no mark, a position
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
 
 
 def default_config_text() -> str:
@@ -721,8 +850,21 @@ def _redact_resolved_credentials(session: Any, redactor: SecretRedactingFilter) 
 
 
 def resolve_endpoint_url(config: Config) -> str | None:
-    """The custom endpoint, if any: config/flag first, then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL."""
-    return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The custom endpoint, if any: config/flag first, then AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL.
+
+    The config's value was checked with the config; a variable's is checked here, so a URL botocore would
+    refuse is a one-line error naming the variable.
+    """
+    if config.endpoint_url:
+        return config.endpoint_url
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(variable)
+        if value:
+            problem = endpoint_url_problem(value)
+            if problem:
+                raise ConfigError(f"{variable} {problem}")
+            return value
+    return None
 
 
 def make_client(session: Any, config: Config, region: str | None = None) -> Any:
@@ -2627,11 +2769,14 @@ class Filters:
         )
 
 
-def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
-    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job."""
+def parse_shard(text: str, environ: Mapping[str, str], name: str = "config key 'shard'") -> tuple[int, int]:
+    """'I/N' -> (I, N); 'auto/N' takes I from a Kubernetes Indexed Job or an AWS Batch array job.
+
+    ``name`` is the value as the user wrote it (ConfigLayer.name), for the errors about its form.
+    """
     index_text, _, count_text = text.partition("/")
     if not count_text.isdecimal() or int(count_text) < 1:
-        raise ConfigError(f"config key 'shard' must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
+        raise ConfigError(f"{name} must look like 'I/N' or 'auto/N' with N >= 1, got {text!r}")
     count = int(count_text)
     if index_text == "auto":
         if not environ:  # validation time: 'auto' is resolved when the run starts
@@ -2647,7 +2792,7 @@ def parse_shard(text: str, environ: Mapping[str, str]) -> tuple[int, int]:
                 "--shard auto/N needs JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or AWS_BATCH_JOB_ARRAY_INDEX"
             )
     if not index_text.isdecimal() or int(index_text) >= count:
-        raise ConfigError(f"config key 'shard' must have 0 <= I < N, got {text!r}")
+        raise ConfigError(f"{name} must have 0 <= I < N, got {text!r}")
     return int(index_text), count
 
 
@@ -5037,7 +5182,7 @@ class AWSDataDownloader:
         elif isinstance(config, Mapping):
             base = build_config(config)
         elif config is not None:
-            base = build_config(load_config_file(config))
+            base = build_config(ConfigLayer(load_config_file(config), "file", os.fspath(config)))
         else:
             base = Config()
         #: The validated settings; run_full_download's overrides apply to one run only.
@@ -5344,9 +5489,24 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
             logging.getLogger(name).setLevel(old)
 
 
+def _flag_help(option: Option) -> str:
+    """A flag's help with its default, as --help shows it; switches and empty or unset defaults need none."""
+    text = option.flag_help or option.help
+    if option.kind in ("bool", "list") or option.default is None:
+        return text
+    default = f"{option.default:g}" if option.kind == "float" else option.default
+    return f"{text.removesuffix('.')} (default: {default})."
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags: the hand-written ones, then one per OPTIONS entry with a flag, each help a sentence.
+
+    The program name is argparse's default, the name the user ran (``aws-data-downloader`` when installed,
+    ``aws_data_downloader.py`` as a script or with ``python -m``); -h is added by hand so that its help is a
+    sentence like the rest.
+    """
     parser = argparse.ArgumentParser(
-        prog="aws_data_downloader.py",
+        add_help=False,
         description="Download whole datasets from S3 and S3-compatible stores: parallel, verified, resumable.",
         epilog=(
             "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed; 2 usage, config or "
@@ -5355,30 +5515,32 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add("--config", metavar="PATH", help="YAML or JSON config file (default: ./aws_downloader_config.yaml if present)")
+    add("-h", "--help", action="help", help="Show this help and exit.")
+    add("--config", metavar="PATH", help="YAML or JSON config file (default: ./aws_downloader_config.yaml if present).")
     add(
         "--create-config",
         nargs="?",
         const="aws_downloader_config.yaml",
         metavar="PATH",
-        help="write the commented default config (refuses to overwrite) and exit",
+        help="Write the commented default config to PATH (default: aws_downloader_config.yaml; refuses to "
+        "overwrite) and exit.",
     )
-    add("--access-key", help="AWS access key id (prefer the environment: flags are visible to other users)")
-    add("--secret-key", help="AWS secret access key (prefer the environment)")
-    add("--session-token", help="AWS session token for temporary credentials")
-    add("--dry-run", action="store_true", help="list and filter, print what would be downloaded, write nothing")
-    add("--from-manifest", metavar="PATH", help="download exactly the objects (and versions) of a manifest")
-    add("--verbose", "-v", action="store_true", help="debug logging")
-    add("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    add("--demo", action="store_true", help="download a sample dataset from an embedded local S3 server")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--access-key", help="AWS access key id (prefer the environment: flags are visible to other users).")
+    add("--secret-key", help="AWS secret access key (prefer the environment).")
+    add("--session-token", help="AWS session token for temporary credentials.")
+    add("--dry-run", action="store_true", help="List and filter, print what would be downloaded, write nothing.")
+    add("--from-manifest", metavar="PATH", help="Download exactly the objects (and versions) of a manifest.")
+    add("--verbose", "-v", action="store_true", help="Debug logging.")
+    add("--json", action="store_true", help="Print the summary as one JSON object on stdout.")
+    add("--demo", action="store_true", help="Download a sample dataset from an embedded local S3 server.")
+    add("--version", action="version", version=f"%(prog)s {__version__}", help="Print the version and exit.")
     for option in OPTIONS:
         if option.flag is None:
             continue
         kwargs: dict[str, Any] = {
             "dest": option.key,
             "default": argparse.SUPPRESS,
-            "help": option.flag_help or option.help,
+            "help": _flag_help(option),
         }
         if option.kind == "bool":
             kwargs["action"] = "store_const"
@@ -5425,14 +5587,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     try:
         file_values: dict[str, Any] = {}
-        if args.config:
-            file_values = load_config_file(args.config)
-        elif Path("aws_downloader_config.yaml").is_file() and not args.demo:
-            file_values = load_config_file("aws_downloader_config.yaml")
+        config_path = args.config
+        if not config_path and Path("aws_downloader_config.yaml").is_file() and not args.demo:
+            config_path = "aws_downloader_config.yaml"
+        if config_path:
+            file_values = load_config_file(config_path)
         flags = _flag_overrides(args)
         if args.demo:
             flags.setdefault("download_dir", "demo_data")
-        config = build_config(file_values, flags)
+        config = build_config(ConfigLayer(file_values, "file", config_path), ConfigLayer(flags, "flags"))
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_help_lists_every_flag_of_the_issue(run_cli) -> None:
 def test_version(run_cli) -> None:
     code, out, _err = run_cli("--version")
     assert code == 0
-    assert out.strip() == f"aws_data_downloader.py {adl.__version__}"
+    assert out.strip() == f"{Path(sys.argv[0]).name} {adl.__version__}"  # the name this process was run as
 
 
 @pytest.mark.parametrize(
@@ -105,19 +106,19 @@ def test_usage_errors_exit_2(run_cli, argv: list[str], needle: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "key"),
+    ("argv", "flag"),
     [
-        (["--parallel", "0"], "parallel_downloads"),
-        (["--retry-attempts", "-1"], "retry_attempts"),
-        (["--retry-attempts", "51"], "retry_attempts"),
-        (["--min-size-mb", "-2"], "min_file_size_mb"),
-        (["--min-size-mb", "5", "--max-size-mb", "1"], "max_file_size_mb"),
+        (["--parallel", "0"], "--parallel"),
+        (["--retry-attempts", "-1"], "--retry-attempts"),
+        (["--retry-attempts", "51"], "--retry-attempts"),
+        (["--min-size-mb", "-2"], "--min-size-mb"),
+        (["--min-size-mb", "5", "--max-size-mb", "1"], "--max-size-mb"),
     ],
 )
-def test_out_of_range_flag_values_exit_2_naming_the_key(run_cli, argv: list[str], key: str) -> None:
+def test_out_of_range_flag_values_exit_2_naming_the_flag(run_cli, argv: list[str], flag: str) -> None:
     code, out, err = run_cli(*argv, "--dry-run")
     assert code == adl.EXIT_USAGE
-    assert err.startswith("Error: ") and f"'{key}'" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"Error: {flag} ") and len(err.strip().splitlines()) == 1
     assert out == ""
 
 

@@ -143,13 +143,13 @@ def test_missing_config_file(run_cli) -> None:
 def test_the_seed_readme_range_value_is_an_error_naming_the_key(tmp_path: Path, run_cli) -> None:
     (tmp_path / "fast.yaml").write_text("parallel_downloads: 20-30\nchunk_size: 16384\nretry_attempts: 5\n")
     code, out, err = run_cli("--config", "fast.yaml", "--dry-run")
-    assert_usage_error(code, out, err, "'parallel_downloads'", "'20-30'", "an integer from 1 to 512")
+    assert_usage_error(code, out, err, "parallel_downloads in fast.yaml", "'20-30'", "an integer from 1 to 512")
 
 
 def test_unknown_key_in_a_file_exits_2(tmp_path: Path, run_cli) -> None:
     (tmp_path / "c.json").write_text('{"paralel_downloads": 4}')
     code, out, err = run_cli("--config", "c.json", "--dry-run")
-    assert_usage_error(code, out, err, "unknown config key 'paralel_downloads'", "known keys:")
+    assert_usage_error(code, out, err, "unknown config key 'paralel_downloads'", "did you mean 'parallel_downloads'")
 
 
 def test_credentials_in_a_file_exit_2_with_a_hint(tmp_path: Path, run_cli) -> None:
@@ -162,12 +162,12 @@ def test_credentials_in_a_file_exit_2_with_a_hint(tmp_path: Path, run_cli) -> No
 def test_wrong_type_in_the_default_file_exits_2(tmp_path: Path, run_cli) -> None:
     (tmp_path / "aws_downloader_config.yaml").write_text("verify_checksums: maybe\n")
     code, out, err = run_cli("--dry-run")
-    assert_usage_error(code, out, err, "'verify_checksums'", "true or false", "'maybe'")
+    assert_usage_error(code, out, err, "verify_checksums in aws_downloader_config.yaml", "true or false", "'maybe'")
 
 
 def test_a_bad_flag_value_is_validated_like_a_file_value(run_cli) -> None:
     code, out, err = run_cli("--parallel", "0", "--dry-run")
-    assert_usage_error(code, out, err, "'parallel_downloads'", "an integer from 1 to 512")
+    assert_usage_error(code, out, err, "--parallel must be", "an integer from 1 to 512")
 
 
 # -- precedence, through the CLI against a real server ------------------------------------------------------

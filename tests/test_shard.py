@@ -157,7 +157,7 @@ def test_malformed_shard_flag_exits_2_with_one_line(s3: S3Server, run_cli, value
     code, out, err = run_cli("--buckets", "any", "--download-dir", "d", "--shard", value, *s3.args())
     assert code == adl.EXIT_USAGE
     assert err.strip().count("\n") == 0, err
-    assert err.startswith("Error: config key 'shard'"), err
+    assert err.startswith("Error: --shard must "), err  # the flag the user typed, not the config key
     assert out == ""
 
 
@@ -165,4 +165,4 @@ def test_malformed_shard_in_config_exits_2(tmp_path: Path, run_cli) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({"shard": "5/2"}))
     code, _, err = run_cli("--config", "cfg.json")
     assert code == adl.EXIT_USAGE
-    assert err.strip() == "Error: config key 'shard' must have 0 <= I < N, got '5/2'"
+    assert err.strip() == "Error: shard in cfg.json must have 0 <= I < N, got '5/2'"
