@@ -1644,7 +1644,7 @@ class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
     __slots__ = ("body_length", "buffer", "closed", "deadline", "events", "headers", "idle_since", "key", "outgoing")
-    __slots__ += ("planned", "reused", "sock", "status", "tls", "will_close")
+    __slots__ += ("planned", "reused", "sent_at", "sock", "status", "tls", "will_close")
 
     def __init__(self, sock: Any, key: tuple[str, str], tls: bool) -> None:
         self.sock = sock
@@ -1671,6 +1671,8 @@ class _LoopConnection:
         self.body_length = 0
         self.will_close = False
         self.deadline = 0.0
+        #: When the request began to be sent (time.monotonic()).
+        self.sent_at = 0.0
 
 
 class SmallObjectLoop:
@@ -1745,6 +1747,8 @@ class SmallObjectLoop:
         self._connector: ThreadPoolExecutor | None = None
         self._finished = False
         self._ready_lock = threading.Lock()
+        #: How long the GET of the object being delivered took: read by ``deliver``, which runs on this thread.
+        self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="adl-small", daemon=True)
         self._thread.start()
 
@@ -1866,7 +1870,8 @@ class SmallObjectLoop:
             return
         connection.planned = planned
         connection.outgoing = request
-        connection.deadline = time.monotonic() + self.config.read_timeout_s
+        connection.sent_at = time.monotonic()
+        connection.deadline = connection.sent_at + self.config.read_timeout_s
         self._active.add(connection)
         self._send(connection)
 
@@ -1994,6 +1999,7 @@ class SmallObjectLoop:
             self._fail(connection, ConnectionError("the server sent more than the Content-Length"))
             return
         status, headers, body = connection.status, connection.headers, bytes(connection.buffer)
+        self.seconds = time.monotonic() - connection.sent_at
         if connection.will_close or connection.outgoing:  # answered before the request was all sent: unusable
             self._close(connection)
         else:
@@ -2712,6 +2718,8 @@ class DownloadResult:
     checksum: str | None = None
     bytes_fetched: int = 0
     attempts: int = 0
+    route: str = ""  #: the path that fetched it: "loop", "stream" or "parts"; "" when none did
+    seconds: float = 0.0  #: how long its fetch took, retries and backoff included
 
 
 @dataclass(frozen=True, slots=True)
@@ -2941,6 +2949,8 @@ class Transfer:
         self.pinned = pinned
         #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
         self._versions: dict[tuple[str, str], str] = {}
+        #: The route each object in flight took (route_for's path, after its HEAD), for its result.
+        self._routes: dict[tuple[str, str], str] = {}
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
@@ -2952,13 +2962,17 @@ class Transfer:
         """
         if self.stop.is_set():  # queued before the run began stopping: do not start it
             return DownloadResult(obj, "interrupted", "stopped")
+        started = time.monotonic()
         try:
-            return self._download(obj, target, failed_attempt)
+            result = self._download(obj, target, failed_attempt)
         except Interrupted:
-            return DownloadResult(obj, "interrupted", "stopped")
+            result = DownloadResult(obj, "interrupted", "stopped")
         except DiskFull:
             self.halt("disk full")
             raise
+        finally:
+            route = self._routes.pop((obj.bucket, obj.key), "")
+        return dataclasses.replace(result, route=route, seconds=time.monotonic() - started)
 
     def _download(self, obj: S3Object, target: Path, pending: BaseException | None) -> DownloadResult:
         """The object-level loop: a checksum mismatch or a new version starts the object over."""
@@ -3095,6 +3109,7 @@ class Transfer:
         route = route_for(obj, self.config, small_loop=False)
         if route.path == "head":
             route = route_for(obj, self.config, False, self._head(obj))
+        self._routes[(obj.bucket, obj.key)] = route.path
         if route.path == "parts":
             parts = self._own_parts(obj) if route.own_parts else plan_parts(obj.size, self.config.part_size)
             return self._fetch_parts(obj, target, parts, route)
@@ -3249,7 +3264,7 @@ class Transfer:
                 os.unlink(temp)
             raise
         self.on_bytes(len(body))
-        return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1)
+        return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1, "loop")
 
     def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
         """For a large object: its checkpoint parts and how many bytes an earlier run left on disk in order (the
@@ -4565,7 +4580,7 @@ class _Workers:
         except Exception as exc:
             self.fallback(planned, exc)
             return
-        self.run.finished(result)
+        self.run.finished(dataclasses.replace(result, seconds=self.loop.seconds if self.loop else 0.0))
 
     def fallback(self, planned: Planned, failed_attempt: BaseException | None) -> None:
         """The loop hands an object over: the threads carry on from its failed attempt (None: start afresh)."""
@@ -4795,9 +4810,22 @@ class _Run:
         """One object's outcome, from any thread: counted, written to the manifest, shown."""
         self.tally.record(result)
         self.manifest.write(result)
+        obj = result.obj
         if result.status == "failed":
-            obj = result.obj
             log.warning("Failed %s/%s: %s", obj.bucket, display_key(obj.key), display_key(result.reason))
+        if log.isEnabledFor(logging.DEBUG):
+            outcome = f"{result.status} ({display_key(result.reason)})" if result.reason else result.status
+            log.debug(
+                "Object %s/%s: %s, %s B, path=%s, checksum=%s, attempts=%d, %.3f s",
+                obj.bucket,
+                display_key(obj.key),
+                outcome,
+                f"{obj.size:,}",
+                result.route or ("skipped" if result.status == "skipped" else "none"),
+                result.checksum or "none",
+                result.attempts,
+                result.seconds,
+            )
 
     def listing_complete(self) -> None:
         self.progress.set_total(self.tally.total)
@@ -5175,6 +5203,14 @@ class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
 
+class _EventAliasFilter(logging.Filter):
+    """Drops botocore's "Changing event name from X to Y": a dozen lines per session about its own event
+    aliases, nothing about this run. The rest of botocore's debug output stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Changing event name from")
+
+
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -5205,9 +5241,12 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
     if level > logging.DEBUG:
         for name in quiet_loggers:
             logging.getLogger(name).setLevel(logging.WARNING)
+    aliases = _EventAliasFilter()
+    logging.getLogger("botocore.hooks").addFilter(aliases)
     try:
         yield
     finally:
+        logging.getLogger("botocore.hooks").removeFilter(aliases)
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()

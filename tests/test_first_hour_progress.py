@@ -1,7 +1,8 @@
-"""Progress a new user can read (issue 12, points 4 and 5), each checked by running the tool as the user did.
+"""Progress a new user can read (issue 12, points 4, 5 and 7), each checked by running the tool as the user did.
 
 - The terminal bar fills with bytes as they arrive, large objects and their parts included, in the README's shape.
 - In Jupyter the widget fills with bytes too; without ipywidgets the text bar comes once, with no TqdmWarning.
+- ``--verbose`` logs one line per object and none of botocore's event-alias noise.
 """
 
 from __future__ import annotations
@@ -263,3 +264,46 @@ def test_a_notebook_without_ipywidgets_gets_one_clean_text_bar(s3: S3Server, pro
     assert len(final) == 1, drawn  # the final frame once, not once more on close
     assert BAR_LINE.search(final[0]) and final[0] == drawn[-1], drawn
     assert stderr.endswith(drawn[-1] + "\n") and stderr.count("\n") == 1, repr(stderr)
+
+
+# -- point 7: --verbose -------------------------------------------------------------------------------------------
+
+
+def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    s3.make_bucket("dbg-bkt")
+    s3.put("dbg-bkt", "small.png", b"s" * 2000)  # the small-object loop
+    s3.put("dbg-bkt", "medium.bin", b"m" * (300 * KiB))  # one streamed GET
+    s3.put_multipart("dbg-bkt", "large.bin", os.urandom(6 * MiB))  # ranged parts
+    config = write_config(tmp_path, {"multipart_threshold_mb": 1, "multipart_chunksize_mb": 1})
+    argv = ["--buckets", "dbg-bkt", "--download-dir", "data", "--config", config, "--verbose", *s3.args()]
+    code, _out, err = run_cli(*argv)
+    assert code == 0, err
+    assert "Changing event name" not in err
+    assert " - DEBUG - Looking for credentials via: env" in err  # botocore's own debug lines stay
+
+    line = re.compile(
+        r" - DEBUG - Object dbg-bkt/(?P<key>\S+): (?P<outcome>[^,]+), (?P<size>[\d,]+) B, path=(?P<path>\w+), "
+        r"checksum=(?P<checksum>\S+), attempts=(?P<attempts>\d+), (?P<seconds>[\d.]+) s$"
+    )
+    objects = {m["key"]: m for m in map(line.search, err.splitlines()) if m}
+    assert sorted(objects) == ["large.bin", "medium.bin", "small.png"], err
+    assert {key: m["path"] for key, m in objects.items()} == {
+        "small.png": "loop",
+        "medium.bin": "stream",
+        "large.bin": "parts",
+    }
+    assert objects["medium.bin"]["size"] == f"{300 * KiB:,}"
+    for match in objects.values():
+        assert match["outcome"] == "downloaded" and match["attempts"] == "1", match.string
+        assert re.fullmatch(r"(md5|md5-multipart|crc32|crc32c|crc64nvme|sha1|sha256):\S+", match["checksum"]), (
+            match.string
+        )
+    log_text = (tmp_path / "aws_downloader.log").read_text()
+    assert "DEBUG - aws_data_downloader - Object dbg-bkt/large.bin: downloaded" in log_text
+    assert "Changing event name" not in log_text
+
+    code, _out, err = run_cli(*argv)  # everything is on disk now
+    assert code == 0, err
+    skipped = [m for m in map(line.search, err.splitlines()) if m]
+    assert len(skipped) == 3 and all(m["path"] == "skipped" and m["attempts"] == "0" for m in skipped), err
+    assert all(m["outcome"] == "skipped (already downloaded)" for m in skipped), err
