@@ -1794,7 +1794,7 @@ class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
     __slots__ = ("body_length", "buffer", "closed", "deadline", "events", "headers", "idle_since", "key", "outgoing")
-    __slots__ += ("planned", "reused", "sock", "status", "tls", "will_close")
+    __slots__ += ("planned", "reused", "sent_at", "sock", "status", "tls", "will_close")
 
     def __init__(self, sock: Any, key: tuple[str, str], tls: bool) -> None:
         self.sock = sock
@@ -1821,6 +1821,8 @@ class _LoopConnection:
         self.body_length = 0
         self.will_close = False
         self.deadline = 0.0
+        #: When the request began to be sent (time.monotonic()).
+        self.sent_at = 0.0
 
 
 class SmallObjectLoop:
@@ -1895,6 +1897,8 @@ class SmallObjectLoop:
         self._connector: ThreadPoolExecutor | None = None
         self._finished = False
         self._ready_lock = threading.Lock()
+        #: How long the GET of the object being delivered took: read by ``deliver``, which runs on this thread.
+        self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="adl-small", daemon=True)
         self._thread.start()
 
@@ -2016,7 +2020,8 @@ class SmallObjectLoop:
             return
         connection.planned = planned
         connection.outgoing = request
-        connection.deadline = time.monotonic() + self.config.read_timeout_s
+        connection.sent_at = time.monotonic()
+        connection.deadline = connection.sent_at + self.config.read_timeout_s
         self._active.add(connection)
         self._send(connection)
 
@@ -2144,6 +2149,7 @@ class SmallObjectLoop:
             self._fail(connection, ConnectionError("the server sent more than the Content-Length"))
             return
         status, headers, body = connection.status, connection.headers, bytes(connection.buffer)
+        self.seconds = time.monotonic() - connection.sent_at
         if connection.will_close or connection.outgoing:  # answered before the request was all sent: unusable
             self._close(connection)
         else:
@@ -2898,6 +2904,8 @@ class DownloadResult:
     checksum: str | None = None
     bytes_fetched: int = 0
     attempts: int = 0
+    route: str = ""  #: the path that fetched it: "loop", "stream" or "parts"; "" when none did
+    seconds: float = 0.0  #: how long its fetch took, retries and backoff included
 
 
 @dataclass(frozen=True, slots=True)
@@ -3127,6 +3135,8 @@ class Transfer:
         self.pinned = pinned
         #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
         self._versions: dict[tuple[str, str], str] = {}
+        #: The route each object in flight took (route_for's path, after its HEAD), for its result.
+        self._routes: dict[tuple[str, str], str] = {}
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
@@ -3138,13 +3148,17 @@ class Transfer:
         """
         if self.stop.is_set():  # queued before the run began stopping: do not start it
             return DownloadResult(obj, "interrupted", "stopped")
+        started = time.monotonic()
         try:
-            return self._download(obj, target, failed_attempt)
+            result = self._download(obj, target, failed_attempt)
         except Interrupted:
-            return DownloadResult(obj, "interrupted", "stopped")
+            result = DownloadResult(obj, "interrupted", "stopped")
         except DiskFull:
             self.halt("disk full")
             raise
+        finally:
+            route = self._routes.pop((obj.bucket, obj.key), "")
+        return dataclasses.replace(result, route=route, seconds=time.monotonic() - started)
 
     def _download(self, obj: S3Object, target: Path, pending: BaseException | None) -> DownloadResult:
         """The object-level loop: a checksum mismatch or a new version starts the object over."""
@@ -3281,6 +3295,7 @@ class Transfer:
         route = route_for(obj, self.config, small_loop=False)
         if route.path == "head":
             route = route_for(obj, self.config, False, self._head(obj))
+        self._routes[(obj.bucket, obj.key)] = route.path
         if route.path == "parts":
             parts = self._own_parts(obj) if route.own_parts else plan_parts(obj.size, self.config.part_size)
             return self._fetch_parts(obj, target, parts, route)
@@ -3435,7 +3450,7 @@ class Transfer:
                 os.unlink(temp)
             raise
         self.on_bytes(len(body))
-        return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1)
+        return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1, "loop")
 
     def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
         """For a large object: its checkpoint parts and how many bytes an earlier run left on disk in order (the
@@ -4483,6 +4498,24 @@ def in_notebook() -> bool:
         return False
 
 
+def bar_class() -> tuple[type, bool]:
+    """The tqdm class to draw the bar with, and whether it writes text into a notebook's output.
+
+    tqdm.auto draws a widget in a Jupyter kernel; without ipywidgets it warns (TqdmWarning: IProgress not found)
+    and falls back to the text bar. Here that case gets the text bar directly, with no warning.
+    """
+    if "ipykernel.zmqshell" in sys.modules:  # tqdm.autonotebook's own test for a kernel
+        from tqdm import notebook
+
+        if notebook.IProgress is None:
+            from tqdm.std import tqdm as text_bar
+
+            return text_bar, True
+    from tqdm.auto import tqdm
+
+    return tqdm, False
+
+
 class Tally:
     """Thread-safe running counts of a run; frozen into a DownloadSummary at the end."""
 
@@ -4494,6 +4527,9 @@ class Tally:
         self.total = self.downloaded = self.skipped = self.failed = 0
         self.total_bytes = self.downloaded_bytes = 0
         self.streamed_bytes = 0
+        #: Sizes of the objects skipped, sizes of those whose fetch is over (downloaded or failed), and the bytes
+        #: those fetches streamed: what the progress bar fills with (Progress._fetched).
+        self.skipped_bytes = self.settled_bytes = self.settled_streamed = 0
         self.failures: list[FailedObject] = []
         self.failure_counts: Counter[str] = Counter()
         self.skipped_reasons: Counter[str] = Counter()
@@ -4512,11 +4548,15 @@ class Tally:
 
     def record(self, result: DownloadResult) -> None:
         with self.lock:
+            if result.status in ("downloaded", "failed"):
+                self.settled_bytes += result.obj.size
+                self.settled_streamed += result.bytes_fetched
             if result.status == "downloaded":
                 self.downloaded += 1
                 self.downloaded_bytes += result.obj.size
             elif result.status == "skipped":
                 self.skipped += 1
+                self.skipped_bytes += result.obj.size
                 self.skipped_reasons[result.reason] += 1
             elif result.status == "failed":
                 self.failed += 1
@@ -4532,26 +4572,48 @@ class Tally:
 class Progress:
     """Shows a run's progress: a bar when someone is watching, a log line every interval when not, or nothing.
 
-    The log lines come from a ticker thread, not from finished objects, so a cron log keeps saying what the
-    run is doing even while one large object takes minutes.
+    Both are drawn by a ticker thread, not by finished objects, so they keep moving while one large object takes
+    minutes, and a run of many small files pays for a redraw every REFRESH_S, not one per file. The bar fills with
+    bytes: its percentage, bar and elapsed<remaining are of the bytes still to fetch (in-flight objects and parts
+    included), while its counter and rate are files, as the README shows it::
+
+        Downloading:  45%|████▌     | 556/1234 [02:15<02:45, 4.1files/s, Success=550, Failed=6, Speed=15.2 MB/s]
     """
+
+    #: Seconds between redraws of the bar.
+    REFRESH_S = 0.25
+    #: Seconds between redraws of a text bar in a notebook, where every redraw is a chunk of the cell's output.
+    NOTEBOOK_TEXT_REFRESH_S = 1.0
 
     def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float) -> None:
         self.tally = tally
         self.interval = interval
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._last_postfix = 0.0
         self._bar: Any = None
+        #: The listing is complete: the totals are final.
+        self._listed = False
         self._closed = threading.Event()
         self._ticker: threading.Thread | None = None
         if bar:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=None, desc="Downloading", unit="files", dynamic_ncols=True, leave=True)
+            tqdm, notebook_text = bar_class()
+            period = self.NOTEBOOK_TEXT_REFRESH_S if notebook_text else self.REFRESH_S
+            # mininterval 0 and miniters 1: the ticker decides when to draw, tqdm draws whenever asked.
+            self._bar = tqdm(
+                total=None,
+                desc="Downloading",
+                bar_format=self._bar_format(),
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=0,
+                miniters=1,
+            )
         elif log_lines:
-            self._ticker = threading.Thread(target=self._tick, name="adl-progress", daemon=True)
-            self._ticker.start()
+            period = interval
+        else:
+            return
+        self._ticker = threading.Thread(target=self._tick, args=(period,), name="adl-progress", daemon=True)
+        self._ticker.start()
 
     def _speed(self) -> float:
         return self.tally.streamed_bytes / max(time.monotonic() - self.started, 1e-9) / MiB
@@ -4560,53 +4622,85 @@ class Progress:
         tally = self.tally
         return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s"
 
-    def _tick(self) -> None:
-        while not self._closed.wait(self.interval):
-            tally = self.tally
-            log.info(
-                "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s at %.1f MB/s",
-                f"{tally.finished:,}",
-                f"{tally.total:,}",
-                f"{tally.downloaded:,}",
-                f"{tally.skipped:,}",
-                f"{tally.failed:,}",
-                format_size(tally.streamed_bytes),
-                self._speed(),
-            )
+    def _bar_format(self) -> str:
+        """tqdm's fields for the bytes ({percentage}, {bar}, {elapsed}<{remaining}); the files as plain text."""
+        tally = self.tally
+        finished = tally.finished
+        rate = f"{finished / max(time.monotonic() - self.started, 1e-9):.1f}" if finished else "?"
+        files = f"{finished}/{tally.total}"
+        return "{desc}: {percentage:3.0f}%|{bar}| " + files + " [{elapsed}<{remaining}, " + rate + "files/s{postfix}]"
+
+    def _fetched(self) -> tuple[int, int]:
+        """(bytes fetched, bytes to fetch) so far, objects skipped left out of both. Bytes of objects in flight
+        count as they arrive; a finished object counts its whole size (a failed one too: its fetch is over)."""
+        tally = self.tally
+        to_fetch = tally.total_bytes - tally.skipped_bytes
+        in_flight = max(0, tally.streamed_bytes - tally.settled_streamed)
+        return min(to_fetch, tally.settled_bytes + in_flight), to_fetch
+
+    def _measure(self) -> tuple[int, int | None]:
+        """What the bar fills with: the bytes; the files when there are no bytes to fetch; total None while unknown."""
+        done, to_fetch = self._fetched()
+        if to_fetch > 0:
+            return done, to_fetch
+        return (self.tally.finished, self.tally.total or None) if self._listed else (0, None)
+
+    def _tick(self, period: float) -> None:
+        while not self._closed.wait(period):
+            if self._bar is not None:
+                self._draw()
+            else:
+                self._log_line()
+
+    def _log_line(self) -> None:
+        tally = self.tally
+        done, to_fetch = self._fetched()
+        log.info(
+            "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s of %s fetched at %.1f MB/s",
+            f"{tally.finished:,}",
+            f"{tally.total:,}",
+            f"{tally.downloaded:,}",
+            f"{tally.skipped:,}",
+            f"{tally.failed:,}",
+            format_size(done),
+            format_size(to_fetch),
+            self._speed(),
+        )
+
+    def _draw(self, final: bool = False) -> None:
+        """Bring the bar up to date and redraw it (the final frame is close's: tqdm.close draws it once)."""
+        with self._lock:
+            bar, tally = self._bar, self.tally
+            if bar is None or (not final and self._listed and tally.finished >= tally.total):
+                return  # every object is done: the next frame is the final one
+            done, total = self._measure()
+            if total != bar.total:
+                bar.total = total
+                widget = getattr(bar, "container", None)
+                if widget is not None and total:  # tqdm.notebook sizes its widget's bar only when it is made
+                    widget.children[1].max = total
+                    widget.children[1].bar_style = ""
+            bar.bar_format = self._bar_format()
+            bar.set_postfix_str(self._postfix(), refresh=False)
+            if final:
+                bar.n = done
+            elif done > bar.n:
+                bar.update(done - bar.n)  # tqdm's rate and ETA follow the updates it is given
+            else:
+                bar.refresh()
 
     def set_total(self, total: int) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.total = total
-                self._bar.refresh()
-
-    def update(self) -> None:
-        """Called as each object finishes (from worker threads)."""
-        if self._bar is None:
-            return
-        with self._lock:
-            if self._bar is None:
-                return
-            tally = self.tally
-            now = time.monotonic()
-            if now - self._last_postfix >= 0.5:
-                self._last_postfix = now
-                self._bar.set_postfix_str(self._postfix(), refresh=False)
-            delta = tally.finished - self._bar.n
-            if delta > 0:
-                self._bar.update(delta)
+        """The listing is complete: ``total`` objects (the tally's count)."""
+        self._listed = True
 
     def close(self) -> None:
         self._closed.set()
         if self._ticker is not None:
             self._ticker.join()
             self._ticker = None
-        with self._lock:
-            if self._bar is not None:  # the last frame shows the final counts, not a stale postfix
-                tally = self.tally
-                self._bar.total = tally.total
-                self._bar.set_postfix_str(self._postfix(), refresh=False)
-                self._bar.update(tally.finished - self._bar.n)
+        if self._bar is not None:  # the last frame shows the final counts, not a stale postfix
+            self._draw(final=True)
+            with self._lock:
                 self._bar.close()
                 self._bar = None
 
@@ -4773,7 +4867,7 @@ class _Workers:
         except Exception as exc:
             self.fallback(planned, exc)
             return
-        self.run.finished(result)
+        self.run.finished(dataclasses.replace(result, seconds=self.loop.seconds if self.loop else 0.0))
 
     def fallback(self, planned: Planned, failed_attempt: BaseException | None) -> None:
         """The loop hands an object over: the threads carry on from its failed attempt (None: start afresh)."""
@@ -5042,10 +5136,22 @@ class _Run:
         """One object's outcome, from any thread: counted, written to the manifest, shown."""
         self.tally.record(result)
         self.manifest.write(result)
+        obj = result.obj
         if result.status == "failed":
-            obj = result.obj
             log.warning("Failed %s/%s: %s", obj.bucket, display_key(obj.key), display_key(result.reason))
-        self.progress.update()
+        if log.isEnabledFor(logging.DEBUG):
+            outcome = f"{result.status} ({display_key(result.reason)})" if result.reason else result.status
+            log.debug(
+                "Object %s/%s: %s, %s B, path=%s, checksum=%s, attempts=%d, %.3f s",
+                obj.bucket,
+                display_key(obj.key),
+                outcome,
+                f"{obj.size:,}",
+                result.route or ("skipped" if result.status == "skipped" else "none"),
+                result.checksum or "none",
+                result.attempts,
+                result.seconds,
+            )
 
     def listing_complete(self) -> None:
         self.progress.set_total(self.tally.total)
@@ -5448,6 +5554,14 @@ class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
 
+class _EventAliasFilter(logging.Filter):
+    """Drops botocore's "Changing event name from X to Y": a dozen lines per session about its own event
+    aliases, nothing about this run. The rest of botocore's debug output stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Changing event name from")
+
+
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -5478,9 +5592,12 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
     if level > logging.DEBUG:
         for name in quiet_loggers:
             logging.getLogger(name).setLevel(logging.WARNING)
+    aliases = _EventAliasFilter()
+    logging.getLogger("botocore.hooks").addFilter(aliases)
     try:
         yield
     finally:
+        logging.getLogger("botocore.hooks").removeFilter(aliases)
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
