@@ -247,7 +247,7 @@ OPTIONS: tuple[Option, ...] = (
         "--max-size-mb",
         minimum=0,
         nullable=True,
-        flag_help="Skip objects larger than this (MB); no limit unless given.",
+        flag_help="Skip objects larger than this (MiB); no limit unless given.",
     ),
     Option(
         "verify_checksums",

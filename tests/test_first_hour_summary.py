@@ -92,11 +92,11 @@ def test_a_run_that_ends_in_an_error_still_ends_its_log_with_the_exit_code(
 ) -> None:
     code, _out, err = run_cli("--buckets", "absent-bkt", "--download-dir", "data", *s3.args())
 
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_NOTHING_LISTED, err
     assert err.splitlines()[-1] == "Error: bucket 'absent-bkt' does not exist"  # still the console's last line
     lines = log_lines(tmp_path / "aws_downloader.log")
     assert lines[0].startswith(f"aws-data-downloader {adl.__version__} starting: ")
-    assert re.fullmatch(r"Run finished: exit code 3, before any object was listed, after \d+\.\d s", lines[-1])
+    assert re.fullmatch(r"Run finished: exit code 6, before any object was listed, after \d+\.\d s", lines[-1])
 
 
 # -- 8: an interrupted run says what it did not finish, and the bytes it kept ------------------------------------
@@ -294,7 +294,8 @@ def test_the_size_flags_help_says_mib(run_cli) -> None:
     help_text = " ".join(out.split())
     for flag in ("--min-size-mb", "--max-size-mb", "--multipart-threshold-mb"):
         assert f"{flag} MiB" in help_text
-    assert "Skip objects smaller than this (MiB)." in help_text
+    assert "Skip objects smaller than this (MiB)" in help_text
+    assert "Skip objects larger than this (MiB)" in help_text
     assert "Skip objects larger than this (MiB)" in help_text
 
 
