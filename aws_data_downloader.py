@@ -5628,7 +5628,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed; 2 usage, config or "
             "directory error; 3 credentials rejected or nothing accessible; 4 another run holds the lock; "
-            "5 not enough disk space; 130 interrupted."
+            "5 not enough disk space; 6 a named bucket does not exist, or a bucket or prefix lists nothing; "
+            "130 interrupted."
         ),
     )
     add = parser.add_argument

@@ -160,3 +160,9 @@ def test_nothing_listening_at_the_endpoint_is_one_message_naming_it(
     assert waits, err  # it did retry
     assert sum(waits) <= adl._Run.CONNECT_WAIT_S + 0.005 * len(waits), err  # each shown rounded to 0.01
     assert "Traceback" not in err and out == ""
+
+
+def test_help_lists_exit_code_6(run_cli) -> None:
+    code, out, err = run_cli("--help")
+    assert code == 0, err
+    assert "6 a named bucket does not exist, or a bucket or prefix lists nothing" in " ".join(out.split())
