@@ -32,7 +32,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import email.utils
 import errno
 import fnmatch
@@ -561,6 +560,8 @@ def closest_key(key: str) -> str | None:
     'prefixes' for 'retries'."""
     candidates = {o.flag.lstrip("-").replace("-", "_"): o.key for o in OPTIONS if o.flag}
     candidates.update((k, k) for k in OPTIONS_BY_KEY)
+    import difflib  # 12 ms to import: only for a config with an unknown key
+
     close = difflib.get_close_matches(key.lower().replace("-", "_"), candidates, n=1, cutoff=0.7)
     return candidates[close[0]] if close else None
 
