@@ -232,7 +232,7 @@ def moto_server() -> Iterator[S3Server]:
 def s3(moto_server: S3Server) -> S3Server:
     """moto's server with no buckets: its state is reset before each test."""
     request = urllib.request.Request(f"{moto_server.endpoint}/moto-api/reset", method="POST")
-    urllib.request.urlopen(request, timeout=10).read()
+    urllib.request.urlopen(request, timeout=60).read()
     return moto_server
 
 

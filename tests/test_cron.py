@@ -74,13 +74,24 @@ class Run:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait(self, timeout: float = 60) -> tuple[int, str, str]:
-        code = self.process.wait(timeout)
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        """The exit code, stdout and stderr; a run still going after ``timeout`` (a hang guard) is killed and
+        fails the test with what it printed."""
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+            for reader in self._readers:
+                reader.join(30)
+            pytest.fail(
+                f"the run did not end within {timeout:g}s:\n{''.join(self._stdout)}\n{''.join(self.stderr_lines)}"
+            )
         for reader in self._readers:
-            reader.join(10)
+            reader.join(30)
         return code, "".join(self._stdout), "".join(self.stderr_lines)
 
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
@@ -305,7 +316,7 @@ def test_second_sigint_exits_at_once_without_corrupting(
         run.wait_for(lambda: any("Stopping" in line for line in run.stderr_lines), "the first SIGINT is handled")
         assert run.process.poll() is None
         run.process.send_signal(signal.SIGINT)
-        code, _out, err = run.wait(30)
+        code, _out, err = run.wait()
     assert code == adl.EXIT_INTERRUPTED
     assert "Second interrupt: exiting now" in err
     done = assert_consistent(download_dir, dataset)
@@ -319,12 +330,14 @@ def test_second_sigint_exits_at_once_without_corrupting(
 def test_one_sigint_ends_a_run_stalled_on_silent_connections(
     s3: S3Server, dataset: dict[str, bytes], tmp_path: Path, run_cli
 ) -> None:
-    """A read blocked on a server that sends nothing would wait for read_timeout_s (60 s here); the stop shuts
-    the sockets down after AWSDataDownloader.STOP_GRACE_S instead, so one Ctrl-C is enough."""
+    """A read blocked on a server that sends nothing would wait for read_timeout_s (an hour here, so no read
+    times out during the test); the stop shuts the sockets down after AWSDataDownloader.STOP_GRACE_S instead,
+    so one Ctrl-C ends the run."""
     download_dir = tmp_path / "data"
-    with slowed_run(s3, tmp_path, download_dir, stall=True) as (_proxy, run):
+    (tmp_path / "patient.yaml").write_text("read_timeout_s: 3600\n")
+    with slowed_run(s3, tmp_path, download_dir, stall=True, extra=("--config", "patient.yaml")) as (_proxy, run):
         run.process.send_signal(signal.SIGINT)
-        code, out, _err = run.wait(30)  # well under the 60 s read timeout
+        code, out, _err = run.wait()  # a hang guard far below the read timeout
     assert code == adl.EXIT_INTERRUPTED
     assert "DOWNLOAD SUMMARY" in out and "Failed:           0" in out
     assert_consistent(download_dir, dataset)

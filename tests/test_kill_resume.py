@@ -104,7 +104,7 @@ def kill_at(proxy: FaultProxy, bucket: str, tmp_path: Path, served: float, kind:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(60)
     assert process.returncode == -signal.SIGKILL
-    time.sleep(0.1)  # the proxy notices the dead connections
+    proxy.wait_idle()  # every connection of the dead run is closed: nothing more is counted as served
     sent = proxy.bytes_sent("GET")
     proxy.clear_rules()
     proxy.reset_stats()

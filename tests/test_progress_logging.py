@@ -178,7 +178,7 @@ def test_a_terminal_gets_a_progress_bar(s3: S3Server, tmp_path: Path) -> None:
     )
     os.close(secondary)
     screen = b""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a hang guard; communicate() below then fails with a timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([primary], [], [], 0.5)
         if ready:
@@ -192,7 +192,7 @@ def test_a_terminal_gets_a_progress_bar(s3: S3Server, tmp_path: Path) -> None:
         elif process.poll() is not None:
             break
     os.close(primary)
-    out = process.communicate(timeout=30)[0].decode()
+    out = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 0, screen.decode(errors="replace")
     text = screen.decode(errors="replace")
     assert "Downloading" in text

@@ -80,7 +80,7 @@ def journal_records(tmp_path: Path) -> list[dict]:
 
 
 def wait_for_parts(
-    process: subprocess.Popen, tmp_path: Path, count: int, timeout: float = 30.0, key: str = KEY
+    process: subprocess.Popen, tmp_path: Path, count: int, timeout: float = 120.0, key: str = KEY
 ) -> list[dict]:
     """Wait until the run has journaled ``count`` parts of ``key``; returns those records."""
     deadline = time.monotonic() + timeout
@@ -112,7 +112,7 @@ def test_kill_9_mid_object_then_rerun_fetches_only_the_missing_parts(
     process = start_cli(s3, proxy, tmp_path)
     parts = wait_for_parts(process, tmp_path, 2)
     process.kill()  # SIGKILL: no handler, no final snapshot
-    process.wait(10)
+    process.wait(60)
     held.release()
 
     assert process.returncode == -signal.SIGKILL
@@ -166,7 +166,7 @@ def test_kill_9_mid_large_single_part_object_resumes_at_a_part_boundary(
     process = start_cli(s3, proxy, tmp_path, *small_parts)
     wait_for_parts(process, tmp_path, 3, key="plain.bin")
     process.kill()
-    process.wait(10)
+    process.wait(60)
     held.release()
     proxy.clear_rules()
     proxy.reset_stats()
@@ -192,7 +192,7 @@ def test_sigint_exits_130_and_a_rerun_completes(
     process = start_cli(s3, proxy, tmp_path)
     wait_for_parts(process, tmp_path, 1)
     process.send_signal(signal.SIGINT)
-    _out, err = process.communicate(timeout=30)
+    _out, err = process.communicate(timeout=120)
 
     assert process.returncode == adl.EXIT_INTERRUPTED, err
     snapshot = json.loads((tmp_path / "data" / "download_resume.json").read_text())
@@ -218,7 +218,7 @@ def test_object_replaced_between_runs_is_downloaded_whole(
     process = start_cli(s3, proxy, tmp_path)
     wait_for_parts(process, tmp_path, 2)
     process.kill()
-    process.wait(10)
+    process.wait(60)
     held.release()
     proxy.clear_rules()
     proxy.reset_stats()

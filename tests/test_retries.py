@@ -157,9 +157,11 @@ def test_a_response_slower_than_the_read_timeout_is_retried(
 ) -> None:
     caplog.set_level(logging.INFO)
     files = seed(s3, {"stuck.bin": 300 * KiB})
-    proxy.delay(key="stuck.bin", seconds=2.5, times=1)
+    # The delay is far beyond the read timeout, and the read timeout far beyond any answer on a loaded machine:
+    # the first GET times out, the retry succeeds (the delayed answer ends when the proxy stops).
+    proxy.delay(key="stuck.bin", seconds=120, times=1)
 
-    code, summary = run_json(run_cli, proxy, tmp_path, read_timeout_s=1.0)
+    code, summary = run_json(run_cli, proxy, tmp_path, read_timeout_s=3.0)
 
     assert code == adl.EXIT_OK and summary["downloaded"] == 1
     assert_files(tmp_path, files)

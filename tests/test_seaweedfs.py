@@ -45,7 +45,7 @@ class Requests:
 
     def read(self) -> Counter[tuple[str, str]]:
         counts: Counter[tuple[str, str]] = Counter()
-        text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        text = urllib.request.urlopen(self.url, timeout=60).read().decode()
         for line in text.splitlines():
             match = _METRIC.match(line)
             if match and match.group(1) == self.bucket:
