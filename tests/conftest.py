@@ -371,6 +371,8 @@ def seaweed_unavailable_reason() -> str | None:
 def seaweed_process() -> Iterator[SeaweedFS]:
     reason = seaweed_unavailable_reason()
     if reason:
+        if os.environ.get("CI"):  # requirements-test.txt installs it: in CI a skip would hide lost coverage
+            pytest.fail(f"SeaweedFS is required in CI: {reason}")
         pytest.skip(f"SeaweedFS tests skipped: {reason}")
     workdir = Path(tempfile.mkdtemp(prefix="adl-seaweed-"))
     weed = SeaweedFS(weed_binary(), workdir)  # type: ignore[arg-type]

@@ -45,10 +45,7 @@ def test_cli_downloads_every_object_byte_for_byte(s3: S3Server, tmp_path: Path, 
     assert_on_disk(tmp_path / "data", "road-data", files)
     assert "DOWNLOAD SUMMARY" in out
     assert f"Total files:      {len(files)}" in out
-    assert (
-        not (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").exists()
-        or (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").is_dir()
-    )
+    assert not (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").exists(), "a folder marker is no file"
     leftovers = list((tmp_path / "data").rglob(".adl-*"))
     assert leftovers == []
 

@@ -69,7 +69,11 @@ def test_manifest_has_one_line_per_selected_object(s3: S3Server, tmp_path: Path,
         assert Path(record["path"]).read_bytes() == body
         assert Path(record["path"]) == (tmp_path / "d" / "mfst" / key).absolute()
     assert records["img/a.png"]["etag"] == hashlib.md5(files["img/a.png"]).hexdigest()
-    assert records["img/a.png"]["checksum"]["value"]  # verified by some algorithm the store offered
+    # Uploaded without an additional checksum: the single-part ETag (the body's MD5) verifies it.
+    assert records["img/a.png"]["checksum"] == {
+        "algorithm": "md5",
+        "value": hashlib.md5(files["img/a.png"]).hexdigest(),
+    }
     assert records["big.bin"]["etag"] == multipart_etag_of(files["big.bin"], 5 * MiB)
     assert records["big.bin"]["checksum"] == {"algorithm": "md5-multipart", "value": records["big.bin"]["etag"]}
     failed = records["bad//key.png"]
