@@ -103,7 +103,7 @@ def kill_at(proxy: FaultProxy, bucket: str, tmp_path: Path, served: float, kind:
         time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(60)
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == -signal.SIGKILL, process.communicate()
     proxy.wait_idle()  # every connection of the dead run is closed: nothing more is counted as served
     sent = proxy.bytes_sent("GET")
     proxy.clear_rules()

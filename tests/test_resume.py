@@ -115,7 +115,7 @@ def test_kill_9_mid_object_then_rerun_fetches_only_the_missing_parts(
     process.wait(60)
     held.release()
 
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == -signal.SIGKILL, process.communicate()
     layout = [PART, PART, PART, PART - 123]
     assert sorted(p["part"] for p in parts) == [0, 1]
     for record in parts:
@@ -134,9 +134,9 @@ def test_kill_9_mid_object_then_rerun_fetches_only_the_missing_parts(
     proxy.clear_rules()
     proxy.reset_stats()
 
-    code, _out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
+    code, out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / KEY).read_bytes() == body
     assert (tmp_path / "data" / BUCKET / "small.txt").read_bytes() == dataset["small.txt"]
     missing = len(body) - 2 * PART
@@ -171,9 +171,9 @@ def test_kill_9_mid_large_single_part_object_resumes_at_a_part_boundary(
     proxy.clear_rules()
     proxy.reset_stats()
 
-    code, _out, err = run_cli(*argv(proxy, tmp_path), "--quiet", *small_parts)
+    code, out, err = run_cli(*argv(proxy, tmp_path), "--quiet", *small_parts)
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / "plain.bin").read_bytes() == body
     [request] = proxy.requests("GET", key="plain.bin")
     first, _last = request.range
@@ -192,18 +192,18 @@ def test_sigint_exits_130_and_a_rerun_completes(
     process = start_cli(s3, proxy, tmp_path)
     wait_for_parts(process, tmp_path, 1)
     process.send_signal(signal.SIGINT)
-    _out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=120)
 
-    assert process.returncode == adl.EXIT_INTERRUPTED, err
+    assert process.returncode == adl.EXIT_INTERRUPTED, (out, err)
     snapshot = json.loads((tmp_path / "data" / "download_resume.json").read_text())
     done = snapshot["partial"][BUCKET][KEY]["done"]
     assert 1 <= len(done) < 4
     proxy.clear_rules()
     proxy.reset_stats()
 
-    code, _out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
+    code, out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / KEY).read_bytes() == body
     missing = len(body) - len(done) * PART
     assert missing <= proxy.bytes_sent("GET", key=KEY) <= missing + PART
@@ -225,9 +225,9 @@ def test_object_replaced_between_runs_is_downloaded_whole(
     new_body = random.Random(12).randbytes(len(dataset[KEY]))
     new_etag = s3.put_multipart(BUCKET, KEY, new_body, part_size=PART)
 
-    code, _out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
+    code, out, err = run_cli(*argv(proxy, tmp_path), "--quiet")
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / KEY).read_bytes() == new_body
     assert proxy.bytes_sent("GET", key=KEY) == len(new_body)
     assert not any(m.startswith("Resuming") for m in caplog.messages)

@@ -127,7 +127,7 @@ def test_small_objects_go_through_the_loop_and_large_ones_through_the_threads(
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert (summary["total_files"], summary["downloaded"], summary["failed"]) == (len(files), len(files), 0)
     assert_files(tmp_path / "data", files)
     assert sorted(stored) == sorted(small)
@@ -151,7 +151,7 @@ def test_small_object_kb_sets_the_limit_and_zero_turns_the_loop_off(
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path, small_object_kb=limit_kb)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files)
     expected = sorted(key for key, body in files.items() if limit_kb and len(body) <= limit_kb * KiB)
     assert sorted(stored) == expected
@@ -169,7 +169,7 @@ def test_objects_from_the_multipart_threshold_up_never_go_through_the_loop(
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path, small_object_kb=2048, multipart_threshold_mb=1)
 
-    assert code == adl.EXIT_OK and (summary["downloaded"], summary["failed"]) == (len(files), 0)
+    assert code == adl.EXIT_OK and (summary["downloaded"], summary["failed"]) == (len(files), 0), summary
     assert_files(tmp_path / "data", files)
     assert sorted(stored) == ["big/1MiB-minus-1.bin", "small/3KiB.bin"]
     assert threaded == ["big/1.5MiB.bin"]
@@ -216,7 +216,7 @@ def test_a_fault_in_the_loop_is_the_first_failed_attempt_of_the_threads(
 
     code, summary = run_json(run_cli, proxy.url, tmp_path)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert (summary["downloaded"], summary["failed"]) == (len(files), 0)
     assert_files(tmp_path / "data", files)
     assert sorted(stored) == sorted(set(files) - {FAULTED})
@@ -249,7 +249,7 @@ def test_a_client_error_in_the_loop_fails_at_once(
 
     code, summary = run_json(run_cli, proxy.url, tmp_path)
 
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, summary
     assert (summary["downloaded"], summary["failed"]) == (len(files) - 1, 1)
     assert summary["failures"] == [{"bucket": BUCKET, "key": FAULTED, "reason": reason}]
     assert [r.status for r in gets(proxy, FAULTED)] == [status]
@@ -272,7 +272,7 @@ def test_a_read_timeout_in_the_loop_is_retried_by_the_threads(
 
     code, summary = run_json(run_cli, proxy.url, tmp_path, read_timeout_s=3.0)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files)
     assert FAULTED not in stored and len(stored) == len(files) - 1
     assert [r.faults for r in gets(proxy, FAULTED)] == [["delay"], []]
@@ -299,7 +299,7 @@ def test_the_listing_waits_while_the_loop_is_backlog_objects_behind(
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path, parallel_downloads=2)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files)
     assert len(stored) == len(files) == 60
     assert sum(submitted for submitted, _ in queued_after_submit) == 60
@@ -331,7 +331,7 @@ def test_a_bug_in_the_loop_hands_everything_to_the_threads(
     assert lost == [], "objects the dead loop had taken never reached the threads"
     assert sorted(threaded) == sorted(files)
     assert (summary["total_files"], summary["downloaded"], summary["failed"]) == (len(files), len(files), 0)
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert_files(tmp_path / "data", files)
 
 
@@ -347,7 +347,7 @@ def test_the_loop_honours_connection_close_against_moto(
 
     code, summary = run_json(run_cli, s3.endpoint, tmp_path, parallel_downloads=1)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files)
     assert len(stored) == 30 and threaded == []
     assert len(opened) == 30
@@ -367,7 +367,7 @@ def test_one_connection_serves_many_objects_against_seaweedfs(
 
     code, summary = run_json(run_cli, seaweed.endpoint, tmp_path, bucket=bucket, parallel_downloads=1)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files, bucket=bucket)
     assert len(stored) == 30 and threaded == []
     assert 1 <= len(opened) <= 3, f"{len(opened)} connections for 30 objects: keep-alive is not reused"
@@ -565,7 +565,7 @@ def test_the_loop_works_over_tls_and_reuses_its_connections(
 
     code, summary = run_json(run_cli, tls_endpoint, tmp_path)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "data", files)
     assert sorted(stored) == sorted(set(files) - {"big/300KiB.bin"})
     assert threaded == ["big/300KiB.bin"]
@@ -576,7 +576,7 @@ def test_the_loop_works_over_tls_and_reuses_its_connections(
     opened.clear()
     code, summary = run_json(run_cli, tls_endpoint, tmp_path, out_dir="one-connection", parallel_downloads=1)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     assert_files(tmp_path / "one-connection", files)
     assert len(stored) == 20 and threaded == ["big/300KiB.bin"]
     assert 1 <= len(opened) <= 3, f"{len(opened)} TLS connections for 20 objects: keep-alive is not reused"
