@@ -205,8 +205,17 @@ def test_sigint_exits_130_and_a_rerun_completes(
 
     assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / KEY).read_bytes() == body
+    # Each part not done is fetched from the bytes the stopped run had written of it (its progress slot) to its
+    # end: a part cut by the stop continues where it stopped, one never started is fetched whole.
+    layout = [PART, PART, PART, len(body) - 3 * PART]
+    starts = [n * PART for n in range(4)]
+    left = [n for n in range(4) if str(n) not in done]
+    ranges = sorted(r.range for r in proxy.requests("GET", key=KEY))
+    assert [end for _start, end in ranges] == [starts[n] + layout[n] - 1 for n in left], ranges
+    kept = [start - starts[n] for (start, _end), n in zip(ranges, left, strict=True)]
+    assert all(0 <= k < layout[n] for k, n in zip(kept, left, strict=True)), kept
     missing = len(body) - len(done) * PART
-    assert missing <= proxy.bytes_sent("GET", key=KEY) <= missing + PART
+    assert proxy.bytes_sent("GET", key=KEY) == missing - sum(kept), "exactly the bytes that were not on disk"
     assert_ranged_gets_carry_if_match(proxy, multipart_etag_of(body, PART))
 
 
