@@ -127,7 +127,7 @@ def run_on_terminal(
         elif process.poll() is not None:
             break
     os.close(primary)
-    out = process.communicate(timeout=30)[0].decode()
+    out = process.communicate(timeout=120)[0].decode()
     return screen.decode(errors="replace"), out, process.returncode
 
 
