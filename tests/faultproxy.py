@@ -259,7 +259,7 @@ class FaultProxy:
                 pass
         self._server.server_close()
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(30)
         self._server = None
 
     def __enter__(self) -> FaultProxy:
@@ -355,6 +355,20 @@ class FaultProxy:
         for r in self.requests():
             totals[r.method] = totals.get(r.method, 0) + r.bytes_sent
         return totals
+
+    def open_connections(self) -> int:
+        """Client connections the proxy is serving now (a handler has not finished with them yet)."""
+        with self._lock:
+            return len(self._sockets)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait until every client connection has been served or abandoned (e.g. after the client was killed), so
+        the byte counts no longer move; AssertionError after ``timeout`` (a hang guard)."""
+        deadline = time.monotonic() + timeout
+        while self.open_connections():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the proxy still serves {self.open_connections()} connections after {timeout}s")
+            time.sleep(0.01)
 
     def reset_stats(self) -> None:
         """Forget the requests served so far (rules and their counters stay)."""
@@ -546,8 +560,9 @@ class FaultProxy:
             raise _Cut()
 
 
-def _wait_until_delivered(sock: socket.socket, timeout: float = 2.0) -> None:
-    """Wait until the client has acknowledged every byte sent (Linux: the send queue is empty), then a little."""
+def _wait_until_delivered(sock: socket.socket, timeout: float = 30.0) -> None:
+    """Wait until the client has acknowledged every byte sent (Linux: the send queue is empty), then a little;
+    ``timeout`` only guards against a client that stopped reading."""
     deadline = time.monotonic() + timeout
     try:
         import fcntl

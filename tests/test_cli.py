@@ -75,16 +75,16 @@ ISSUE_FLAGS = [
 
 
 def test_help_lists_every_flag_of_the_issue(run_cli) -> None:
-    code, out, _err = run_cli("--help")
-    assert code == 0
+    code, out, err = run_cli("--help")
+    assert code == 0, (out, err)
     for flag in ISSUE_FLAGS:
         assert flag in out, flag
     assert "Exit codes:" in out
 
 
 def test_version(run_cli) -> None:
-    code, out, _err = run_cli("--version")
-    assert code == 0
+    code, out, err = run_cli("--version")
+    assert code == 0, (out, err)
     assert out.strip() == f"{Path(sys.argv[0]).name} {adl.__version__}"  # the name this process was run as
 
 
@@ -99,7 +99,7 @@ def test_version(run_cli) -> None:
 )
 def test_usage_errors_exit_2(run_cli, argv: list[str], needle: str) -> None:
     code, out, err = run_cli(*argv)
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     assert needle in err
     assert "Traceback" not in err
     assert out == ""
@@ -117,7 +117,7 @@ def test_usage_errors_exit_2(run_cli, argv: list[str], needle: str) -> None:
 )
 def test_out_of_range_flag_values_exit_2_naming_the_flag(run_cli, argv: list[str], flag: str) -> None:
     code, out, err = run_cli(*argv, "--dry-run")
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     assert err.startswith(f"Error: {flag} ") and len(err.strip().splitlines()) == 1
     assert out == ""
 
@@ -128,7 +128,7 @@ def test_out_of_range_flag_values_exit_2_naming_the_flag(run_cli, argv: list[str
 def test_full_run_lands_every_object_with_its_mtime(s3: S3Server, tmp_path: Path, run_cli) -> None:
     files = seed(s3)
     code, out, err = run_cli("--buckets", "road-data", "--download-dir", "data", "--parallel", "3", *s3.args())
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert on_disk(tmp_path / "data") == expected("road-data", files)
     assert "DOWNLOAD SUMMARY" in out and "Downloaded:       4" in out
     assert (tmp_path / "data" / "download_resume.json").is_file()
@@ -141,22 +141,22 @@ def test_second_run_skips_and_overwrite_downloads_again(s3: S3Server, tmp_path: 
     files = seed(s3)
     argv = ["--buckets", "road-data", "--download-dir", "data", "--json", *s3.args()]
     code, out, err = run_cli(*argv)
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert json.loads(out)["downloaded"] == 4
 
     # A local edit that keeps the size is not noticed without --overwrite (the journal vouches for the file)...
     target = tmp_path / "data" / "road-data" / "other-data" / "notes.txt"
     target.write_bytes(b"X" * 700)
     code, out, err = run_cli(*argv)
+    assert code == 0, (out, err)
     summary = json.loads(out)
-    assert code == 0, err
     assert summary["downloaded"] == 0 and summary["skipped_reasons"] == {"already downloaded": 4}
     assert target.read_bytes() == b"X" * 700
 
     # ... and --overwrite fetches everything again.
     code, out, err = run_cli(*argv, "--overwrite")
+    assert code == 0, (out, err)
     summary = json.loads(out)
-    assert code == 0, err
     assert summary["downloaded"] == 4 and summary["skipped"] == 0
     assert on_disk(tmp_path / "data") == expected("road-data", files)
 
@@ -170,8 +170,8 @@ def test_existing_file_same_size_not_older_is_skipped_older_is_fetched(s3: S3Ser
     modified = s3.client.head_object(Bucket="local-bkt", Key="old.bin")["LastModified"].timestamp()
     os.utime(folder / "old.bin", (modified - 3600, modified - 3600))
     code, out, err = run_cli("--buckets", "local-bkt", "--download-dir", "data", "--json", *s3.args())
+    assert code == 0, (out, err)
     summary = json.loads(out)
-    assert code == 0, err
     assert summary["downloaded"] == 1
     assert summary["skipped_reasons"] == {"exists locally (same size, not older)": 1}
     assert (folder / "new.bin").read_bytes() == b"L" * 100
@@ -181,7 +181,7 @@ def test_existing_file_same_size_not_older_is_skipped_older_is_fetched(s3: S3Ser
 def test_exit_1_when_some_objects_fail(s3: S3Server, tmp_path: Path, run_cli) -> None:
     seed(s3, "mixed-bkt", {"good.txt": b"good", "bad//key.txt": b"bad"})
     code, out, err = run_cli("--buckets", "mixed-bkt", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, (out, err)
     assert (tmp_path / "data" / "mixed-bkt" / "good.txt").read_bytes() == b"good"
     assert "Failed:           1" in out
     assert "Failures by reason:" in out and "mixed-bkt/bad//key.txt" in out
@@ -193,7 +193,7 @@ def test_dry_run_lists_and_writes_nothing(s3: S3Server, tmp_path: Path, run_cli)
     code, out, err = run_cli(
         "--buckets", "road-data", "--download-dir", "data", "--dry-run", "--extensions", ".png", *s3.args()
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert not (tmp_path / "data").exists()
     assert "Would download road-data/coryell/Co Rd 4235/img/000_31.708136_-97.693460.png (2.9 KB)" in err
     assert "Would download road-data/coryell/Co Rd 4235/img/001_31.708228_-97.693279.PNG (4.9 KB)" in err
@@ -207,7 +207,7 @@ def test_dry_run_lists_and_writes_nothing(s3: S3Server, tmp_path: Path, run_cli)
 def test_json_prints_exactly_one_object(s3: S3Server, tmp_path: Path, run_cli) -> None:
     files = seed(s3)
     code, out, err = run_cli("--buckets", "road-data", "--download-dir", "data", "--json", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert out.endswith("}\n") and out.count("\n") == 1
     summary = json.loads(out)
     assert summary["total_files"] == summary["downloaded"] == 4
@@ -220,7 +220,7 @@ def test_access_key_flag_warns_and_never_logs_the_secret(s3: S3Server, tmp_path:
     seed(s3)
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN"
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets",
         "road-data",
         "--download-dir",
@@ -236,7 +236,7 @@ def test_access_key_flag_warns_and_never_logs_the_secret(s3: S3Server, tmp_path:
         "debug.log",
         *s3.args(),
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert "visible to other users" in err
     assert "Using access key AKIA************MPLE" in err
     log_text = (tmp_path / "debug.log").read_text()
@@ -249,8 +249,8 @@ def test_access_key_flag_warns_and_never_logs_the_secret(s3: S3Server, tmp_path:
 
 
 def test_half_a_key_pair_is_a_credentials_error(s3: S3Server, run_cli) -> None:
-    code, _out, err = run_cli("--buckets", "road-data", "--access-key", "AKIAONLY", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    code, out, err = run_cli("--buckets", "road-data", "--access-key", "AKIAONLY", *s3.args())
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: give both an access key and a secret key, or neither" in err
 
 
@@ -263,12 +263,12 @@ def test_profile_flag_uses_the_profile(seaweed: S3Server, tmp_path: Path, monkey
     Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"]).write_text(
         f"[lab]\naws_access_key_id = {seaweed.access_key}\naws_secret_access_key = {seaweed.secret_key}\n"
     )
-    code, _out, err = run_cli("--buckets", bucket, "--profile", "lab", "--download-dir", "data", *seaweed.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", bucket, "--profile", "lab", "--download-dir", "data", *seaweed.args())
+    assert code == 0, (out, err)
     assert (tmp_path / "data" / bucket / "p.txt").read_bytes() == b"profile-bytes"
 
     code, out, err = run_cli("--buckets", bucket, "--profile", "nope", *seaweed.args())
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     assert "Error: AWS profile 'nope' not found" in err and out == ""
 
 
@@ -281,35 +281,35 @@ def test_no_sign_request_reads_public_objects_without_credentials(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
 
     code, out, err = run_cli("--buckets", "public-bkt", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: AWS credentials not found" in err and out == ""
 
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", "public-bkt", "--download-dir", "data", "--no-sign-request", "--region", "us-east-1", *s3.args()
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert (tmp_path / "data" / "public-bkt" / "open" / "data.csv").read_bytes() == b"a,b\n1,2\n"
 
 
 def test_endpoint_from_the_environment(s3: S3Server, tmp_path: Path, monkeypatch, run_cli) -> None:
     seed(s3, "env-bkt", {"e.txt": b"env"})
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    code, _out, err = run_cli("--buckets", "env-bkt", "--download-dir", "data", "--region", "eu-west-1")
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "env-bkt", "--download-dir", "data", "--region", "eu-west-1")
+    assert code == 0, (out, err)
     assert (tmp_path / "data" / "env-bkt" / "e.txt").read_bytes() == b"env"
 
 
 def test_no_verify_and_retry_attempts(s3: S3Server, tmp_path: Path, run_cli) -> None:
     seed(s3, "verify-bkt", {"v.bin": b"v" * 1234})
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", "verify-bkt", "--download-dir", "checked", "--retry-attempts", "0", *s3.args()
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     journal = json.loads((tmp_path / "checked" / "download_resume.json").read_text())
     assert journal["completed"]["verify-bkt"]["v.bin"]["checksum"].startswith("md5:")
 
-    code, _out, err = run_cli("--buckets", "verify-bkt", "--download-dir", "unchecked", "--no-verify", *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "verify-bkt", "--download-dir", "unchecked", "--no-verify", *s3.args())
+    assert code == 0, (out, err)
     assert (tmp_path / "unchecked" / "verify-bkt" / "v.bin").read_bytes() == b"v" * 1234
     journal = json.loads((tmp_path / "unchecked" / "download_resume.json").read_text())
     assert journal["completed"]["verify-bkt"]["v.bin"]["checksum"] is None
@@ -343,7 +343,7 @@ def test_prefixes_include_exclude_and_sizes_from_flags(s3: S3Server, tmp_path: P
         "--json",
         *s3.args(),
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert on_disk(tmp_path / "data") == {
         "flags-bkt/coryell/img/a.png": files["coryell/img/a.png"],
         "flags-bkt/coryell/ann/a.json": files["coryell/ann/a.json"],
@@ -353,7 +353,7 @@ def test_prefixes_include_exclude_and_sizes_from_flags(s3: S3Server, tmp_path: P
 
 def test_demo_downloads_the_sample_dataset(tmp_path: Path, run_cli) -> None:
     code, out, err = run_cli("--demo", "--parallel", "4", "--quiet")
-    assert code == 0, err
+    assert code == 0, (out, err)
     root = tmp_path / "demo_data" / adl.DEMO_BUCKET
     key = "coryell/Co Rd 4235/img/000_31.708136_-97.693460.png"
     objects = adl.demo_objects()

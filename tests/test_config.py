@@ -14,7 +14,7 @@ import aws_data_downloader as adl
 
 def assert_usage_error(code: int, out: str, err: str, *needles: str) -> None:
     """Exit 2, one 'Error: ...' line on stderr naming what is wrong, no traceback, nothing on stdout."""
-    assert code == adl.EXIT_USAGE, err
+    assert code == adl.EXIT_USAGE, (out, err)
     assert "Traceback" not in err
     assert out == ""
     lines = err.strip().splitlines()
@@ -180,13 +180,13 @@ def test_default_file_in_cwd_is_read_and_flags_override_it(s3: S3Server, tmp_pat
     (tmp_path / "aws_downloader_config.yaml").write_text(
         "download_dir: from-file\nbuckets: cfg\nfile_extensions: ['.png']\n"
     )
-    code, _out, err = run_cli(*s3.args())
-    assert code == 0, err
+    code, out, err = run_cli(*s3.args())
+    assert code == 0, (out, err)
     assert (tmp_path / "from-file" / "cfg" / "img" / "a.png").read_bytes() == b"png-bytes"
     assert not (tmp_path / "from-file" / "cfg" / "ann").exists()
 
-    code, _out, err = run_cli("--download-dir", "from-flag", "--extensions", ".json", *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--download-dir", "from-flag", "--extensions", ".json", *s3.args())
+    assert code == 0, (out, err)
     assert (tmp_path / "from-flag" / "cfg" / "ann" / "a.json").read_bytes() == b"{}"
     assert not (tmp_path / "from-flag" / "cfg" / "img").exists()
 
@@ -196,8 +196,8 @@ def test_config_flag_reads_json_instead_of_the_default_file(s3: S3Server, tmp_pa
     s3.put("json-bkt", "x.bin", b"x" * 10)
     (tmp_path / "aws_downloader_config.yaml").write_text("download_dir: not-this-one\n")
     (tmp_path / "mine.json").write_text(json.dumps({"download_dir": "json-dir", "buckets": ["json-bkt"]}))
-    code, _out, err = run_cli("--config", "mine.json", *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--config", "mine.json", *s3.args())
+    assert code == 0, (out, err)
     assert (tmp_path / "json-dir" / "json-bkt" / "x.bin").read_bytes() == b"x" * 10
     assert not (tmp_path / "not-this-one").exists()
 
@@ -218,7 +218,7 @@ def test_python_api_takes_a_config_path(s3: S3Server, tmp_path: Path) -> None:
 
 def test_create_config_writes_the_default_and_it_loads_back(tmp_path: Path, run_cli) -> None:
     code, out, err = run_cli("--create-config")
-    assert code == 0, err
+    assert code == 0, (out, err)
     written = tmp_path / "aws_downloader_config.yaml"
     assert "aws_downloader_config.yaml" in out
     assert written.read_text() == adl.default_config_text()
@@ -226,8 +226,8 @@ def test_create_config_writes_the_default_and_it_loads_back(tmp_path: Path, run_
 
 
 def test_create_config_at_a_path_and_refuses_to_overwrite(tmp_path: Path, run_cli) -> None:
-    code, _out, err = run_cli("--create-config", "custom.yaml")
-    assert code == 0, err
+    code, out, err = run_cli("--create-config", "custom.yaml")
+    assert code == 0, (out, err)
     (tmp_path / "custom.yaml").write_text("parallel_downloads: 3  # my edit\n")
     code, out, err = run_cli("--create-config", "custom.yaml")
     assert_usage_error(code, out, err, "custom.yaml", "already exists")

@@ -74,13 +74,24 @@ class Run:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait(self, timeout: float = 60) -> tuple[int, str, str]:
-        code = self.process.wait(timeout)
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        """The exit code, stdout and stderr; a run still going after ``timeout`` (a hang guard) is killed and
+        fails the test with what it printed."""
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+            for reader in self._readers:
+                reader.join(30)
+            pytest.fail(
+                f"the run did not end within {timeout:g}s:\n{''.join(self._stdout)}\n{''.join(self.stderr_lines)}"
+            )
         for reader in self._readers:
-            reader.join(10)
+            reader.join(30)
         return code, "".join(self._stdout), "".join(self.stderr_lines)
 
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
@@ -172,7 +183,7 @@ def test_second_run_exits_4_naming_the_running_ones_pid(
     with slowed_run(s3, tmp_path, download_dir, stall=True) as (_proxy, run):
         before = assert_consistent(download_dir, dataset)
         code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-        assert code == adl.EXIT_LOCKED
+        assert code == adl.EXIT_LOCKED, (out, err)
         assert f"pid {run.pid}" in err and str(download_dir) in err
         assert out == ""
         # It exited at once: it wrote nothing, and the holder's pid is still in the lock file.
@@ -181,7 +192,7 @@ def test_second_run_exits_4_naming_the_running_ones_pid(
         run.kill()  # kill -9: the lock goes with the process
 
     code, out, err = run_cli(*cli_args(download_dir, s3.endpoint, "--json"))
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert_complete(download_dir, dataset)
     assert json.loads(out)["failed"] == 0
 
@@ -204,7 +215,7 @@ def test_lock_held_in_process_blocks_a_subprocess_run(s3: S3Server, tmp_path: Pa
         )
     finally:
         lock.release()
-    assert result.returncode == adl.EXIT_LOCKED, result.stderr
+    assert result.returncode == adl.EXIT_LOCKED, (result.stdout, result.stderr)
     assert f"(pid {os.getpid()})" in result.stderr
     assert result.stdout == ""
     assert not (download_dir / BUCKET).exists()
@@ -231,16 +242,16 @@ def test_lock_of_a_killed_holder_never_blocks_the_next_run(s3: S3Server, tmp_pat
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-        assert code == adl.EXIT_LOCKED and f"pid {holder.pid}" in err
+        code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+        assert code == adl.EXIT_LOCKED and f"pid {holder.pid}" in err, (out, err)
     finally:
         holder.kill()
         holder.wait(30)
         holder.stdout.close()
     # The stale pid is still in the file, but the OS dropped the lock with the process.
     assert (download_dir / ".aws_downloader.lock").read_text() == str(holder.pid)
-    code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+    assert code == adl.EXIT_OK, (out, err)
     assert (download_dir / BUCKET / "k").read_bytes() == b"v"
 
 
@@ -250,10 +261,11 @@ def test_kill_9_mid_download_leaves_a_state_the_next_run_completes(
     download_dir = tmp_path / "data"
     with slowed_run(s3, tmp_path, download_dir, stall=False) as (_proxy, run):
         run.kill()
-        assert run.wait()[0] == -signal.SIGKILL
+        code, out, err = run.wait()
+        assert code == -signal.SIGKILL, (out, err)
     assert_consistent(download_dir, dataset)
-    code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+    assert code == adl.EXIT_OK, (out, err)
     assert_complete(download_dir, dataset)
 
 
@@ -269,7 +281,7 @@ def test_signal_stops_cleanly_and_a_rerun_completes(
         run.process.send_signal(signum)
         code, out, err = run.wait()
         requested = {r.path for r in proxy.requests("GET", "/t/")}
-    assert code == adl.EXIT_INTERRUPTED, err
+    assert code == adl.EXIT_INTERRUPTED, (out, err)
     assert "Stopping: no new files are started; in-flight ones stop at their next chunk" in err
     assert "Second interrupt" not in err
     # The summary so far, on stdout.
@@ -289,7 +301,7 @@ def test_signal_stops_cleanly_and_a_rerun_completes(
     assert "Traceback" not in err and "Traceback" not in log_text
 
     code, out, err = run_cli(*cli_args(download_dir, s3.endpoint, "--json"))
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     summary = json.loads(out)
     assert summary["skipped"] == len(done) and summary["downloaded"] == len(dataset) - len(done)
     assert_complete(download_dir, dataset)
@@ -305,32 +317,34 @@ def test_second_sigint_exits_at_once_without_corrupting(
         run.wait_for(lambda: any("Stopping" in line for line in run.stderr_lines), "the first SIGINT is handled")
         assert run.process.poll() is None
         run.process.send_signal(signal.SIGINT)
-        code, _out, err = run.wait(30)
-    assert code == adl.EXIT_INTERRUPTED
+        code, out, err = run.wait()
+    assert code == adl.EXIT_INTERRUPTED, (out, err)
     assert "Second interrupt: exiting now" in err
     done = assert_consistent(download_dir, dataset)
     assert {f"s/{i:02d}.bin" for i in range(6)} <= done
 
-    code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+    assert code == adl.EXIT_OK, (out, err)
     assert_complete(download_dir, dataset)
 
 
 def test_one_sigint_ends_a_run_stalled_on_silent_connections(
     s3: S3Server, dataset: dict[str, bytes], tmp_path: Path, run_cli
 ) -> None:
-    """A read blocked on a server that sends nothing would wait for read_timeout_s (60 s here); the stop shuts
-    the sockets down after AWSDataDownloader.STOP_GRACE_S instead, so one Ctrl-C is enough."""
+    """A read blocked on a server that sends nothing would wait for read_timeout_s (an hour here, so no read
+    times out during the test); the stop shuts the sockets down after AWSDataDownloader.STOP_GRACE_S instead,
+    so one Ctrl-C ends the run."""
     download_dir = tmp_path / "data"
-    with slowed_run(s3, tmp_path, download_dir, stall=True) as (_proxy, run):
+    (tmp_path / "patient.yaml").write_text("read_timeout_s: 3600\n")
+    with slowed_run(s3, tmp_path, download_dir, stall=True, extra=("--config", "patient.yaml")) as (_proxy, run):
         run.process.send_signal(signal.SIGINT)
-        code, out, _err = run.wait(30)  # well under the 60 s read timeout
-    assert code == adl.EXIT_INTERRUPTED
+        code, out, err = run.wait()  # a hang guard far below the read timeout
+    assert code == adl.EXIT_INTERRUPTED, (out, err)
     assert "DOWNLOAD SUMMARY" in out and "Failed:           0" in out
     assert_consistent(download_dir, dataset)
 
-    code, _out, err = run_cli(*cli_args(download_dir, s3.endpoint))
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*cli_args(download_dir, s3.endpoint))
+    assert code == adl.EXIT_OK, (out, err)
     assert_complete(download_dir, dataset)
 
 
@@ -352,7 +366,7 @@ def piped_run(s3: S3Server, tmp_path: Path, *extra: str) -> tuple[int, str, str]
 
 def test_not_on_a_tty_progress_is_log_lines_without_carriage_returns(s3: S3Server, tmp_path: Path) -> None:
     code, out, err = piped_run(s3, tmp_path)
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, (out, err)
     for text in (out, err, (tmp_path / "aws_downloader.log").read_text()):
         assert "\r" not in text and "\x1b" not in text
     assert "files/s" not in err and "Downloading:" not in err and "it/s" not in err  # no tqdm bar
@@ -365,7 +379,7 @@ def test_not_on_a_tty_progress_is_log_lines_without_carriage_returns(s3: S3Serve
 
 def test_quiet_prints_only_errors_and_the_summary(s3: S3Server, tmp_path: Path) -> None:
     code, out, err = piped_run(s3, tmp_path, "--quiet")
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, (out, err)
     assert err == ""
     assert out.startswith("=" * 60 + "\nDOWNLOAD SUMMARY\n")
     assert "Failures by reason:" in out and "bad\\x01key" in out

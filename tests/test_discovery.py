@@ -35,7 +35,7 @@ def test_without_buckets_every_bucket_of_the_account_is_downloaded(s3: S3Server,
         s3.make_bucket(bucket)
         s3.put(bucket, f"{bucket}/data.txt", bucket.encode())
     code, out, err = run_cli("--download-dir", "data", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert "AWS credentials validated successfully" in err
     assert "Discovered 3 accessible buckets" in err
     for bucket in ("first-bkt", "second-bkt", "third-bkt"):
@@ -45,7 +45,7 @@ def test_without_buckets_every_bucket_of_the_account_is_downloaded(s3: S3Server,
 
 def test_an_account_without_buckets_exits_3(s3: S3Server, run_cli) -> None:
     code, out, err = run_cli("--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: no accessible buckets found for these credentials" in err
     assert out == ""
 
@@ -69,9 +69,9 @@ def test_a_missing_bucket_beside_a_good_one_exits_6_after_downloading(s3: S3Serv
     assert "Discovered 1 accessible bucket\n" in err
     assert "Bucket not downloaded: bucket 'gone-bkt' does not exist" in out
 
-    code, out, _err = run_cli("--buckets", "good-bkt", "gone-bkt", "--download-dir", "data", "--json", *s3.args())
+    code, out, err = run_cli("--buckets", "good-bkt", "gone-bkt", "--download-dir", "data", "--json", *s3.args())
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     summary = json.loads(out)
-    assert code == adl.EXIT_NOTHING_LISTED, out
     assert summary["bucket_problems"] == [
         {"bucket": "gone-bkt", "reason": "bucket 'gone-bkt' does not exist", "missing": True}
     ]
@@ -109,7 +109,7 @@ def test_discover_buckets_against_the_server(s3: S3Server, engine: str) -> None:
 @pytest.mark.seaweedfs
 def test_wrong_secret_key_flag_is_rejected_with_exit_3(seaweed: S3Server, run_cli) -> None:
     code, out, err = run_cli("--access-key", seaweed.access_key, "--secret-key", "wrong-secret", *seaweed.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     errors = [line for line in err.splitlines() if line.startswith("Error: ")]
     assert errors == [
         "Error: AWS credentials rejected: the secret key does not match the access key id; "
@@ -121,8 +121,8 @@ def test_wrong_secret_key_flag_is_rejected_with_exit_3(seaweed: S3Server, run_cl
 @pytest.mark.seaweedfs
 def test_unknown_access_key_in_the_environment_is_rejected(seaweed: S3Server, monkeypatch, run_cli) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDOESNOTEXIST")
-    code, _out, err = run_cli("--download-dir", "data", *seaweed.args())
-    assert code == adl.EXIT_CREDENTIALS
+    code, out, err = run_cli("--download-dir", "data", *seaweed.args())
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: AWS credentials rejected: " in err
 
 
@@ -131,8 +131,8 @@ def test_wrong_secret_with_named_buckets_is_rejected_not_denied(seaweed: S3Serve
     bucket = unique("named")
     seaweed.make_bucket(bucket)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    code, _out, err = run_cli("--buckets", bucket, "--download-dir", "data", *seaweed.args())
-    assert code == adl.EXIT_CREDENTIALS
+    code, out, err = run_cli("--buckets", bucket, "--download-dir", "data", *seaweed.args())
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: AWS credentials rejected: the secret key does not match the access key id" in err
     assert "Access Denied" not in err
 
@@ -150,7 +150,7 @@ def test_denied_bucket_beside_a_readable_one(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", restricted.secret_key)
 
     code, out, err = run_cli("--buckets", readable, denied, "--download-dir", "data", *restricted.args())
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     assert (tmp_path / "data" / readable / "allowed" / "readable.txt").read_bytes() == (
         b"readable by the restricted identity"
     )
@@ -159,7 +159,7 @@ def test_denied_bucket_beside_a_readable_one(
     assert f"Bucket not downloaded: Access Denied for bucket '{denied}'" in out
 
     code, out, err = run_cli("--buckets", denied, "--download-dir", "data", *restricted.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert f"Error: Access Denied for bucket '{denied}'" in err and out == ""
 
 
@@ -173,7 +173,7 @@ def test_discovery_downloads_only_what_the_identity_can_read(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", restricted.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", restricted.secret_key)
     code, out, err = run_cli("--download-dir", "data", "--json", *restricted.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert json.loads(out)["buckets"] == [readable]
     assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == [
         "download_resume.json",

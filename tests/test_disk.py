@@ -75,7 +75,7 @@ def test_precheck_refuses_before_writing_and_ignore_disk_space_goes_on(
     args = ["--buckets", BUCKET, "--download-dir", str(download_dir), *s3.args()]
 
     code, out, err = run_cli(*args)
-    assert code == adl.EXIT_NO_SPACE
+    assert code == adl.EXIT_NO_SPACE, (out, err)
     [line] = error_lines(err)
     free, kept = adl.format_size(adl.DiskBudget.MARGIN + 1 * MiB), adl.format_size(adl.DiskBudget.MARGIN)
     assert f"needs {adl.format_size(total)}, {free} is free and {kept} of it is kept free" in line, line
@@ -84,7 +84,7 @@ def test_precheck_refuses_before_writing_and_ignore_disk_space_goes_on(
     assert objects_on_disk(download_dir) == {} and not list(download_dir.rglob(".adl-*"))
 
     code, out, err = run_cli(*args, "--ignore-disk-space", "--json")
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert json.loads(out)["downloaded"] == len(files)
     assert objects_on_disk(download_dir) == files
 
@@ -95,10 +95,11 @@ def test_precheck_counts_only_what_is_left_to_fetch(
     files = seed(s3)
     download_dir = tmp_path / "data"
     args = ["--buckets", BUCKET, "--download-dir", str(download_dir), *s3.args()]
-    assert run_cli(*args)[0] == adl.EXIT_OK
+    code, out, err = run_cli(*args)
+    assert code == adl.EXIT_OK, (out, err)
     fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1)  # nothing left to fetch: any free space will do
-    code, _out, err = run_cli(*args)
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*args)
+    assert code == adl.EXIT_OK, (out, err)
     assert objects_on_disk(download_dir) == files
 
 
@@ -110,8 +111,8 @@ def test_precheck_refuses_before_writing_when_the_listing_has_many_pages(
     engine = fake_engine({BUCKET: files}, page_size=1)
     fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1 * MiB)
     download_dir = tmp_path / "data"
-    code, _out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
-    assert code == adl.EXIT_NO_SPACE, err
+    code, out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
+    assert code == adl.EXIT_NO_SPACE, (out, err)
     assert len([r for r in engine.requests if r.method == "LIST"]) == len(files), "one object per page"
     assert engine.gets("img/00.bin") == [], "the pre-check let the first pages download"
     assert objects_on_disk(download_dir) == {}
@@ -165,7 +166,7 @@ def test_disk_full_mid_run_stops_keeps_completed_files_and_a_rerun_completes(
     code, out, err = run_cli(*args, "--log-file", "full.log")
     monkeypatch.setattr(adl.os, "pwrite", real_pwrite)  # space is freed
 
-    assert code == adl.EXIT_NO_SPACE
+    assert code == adl.EXIT_NO_SPACE, (out, err)
     [line] = error_lines(err)
     assert "no space left on device" in line and "completed files are kept" in line
     assert "Traceback" not in err
@@ -187,7 +188,7 @@ def test_disk_full_mid_run_stops_keeps_completed_files_and_a_rerun_completes(
     assert "Retrying" not in log_text
 
     code, out, err = run_cli(*args, "--log-file", "rerun.log", "--json")
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     summary = json.loads(out)
     assert summary["skipped"] == len(completed) and summary["downloaded"] == len(files) - len(completed)
     assert objects_on_disk(download_dir) == files
@@ -230,7 +231,7 @@ def test_unusable_download_dir_is_one_clear_error(s3: S3Server, tmp_path: Path, 
     s3.make_bucket(BUCKET)
     s3.put(BUCKET, "k", b"v")
     code, out, err = run_cli("--buckets", BUCKET, "--download-dir", path, *s3.args())
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     [line] = error_lines(err)
     assert message in line and path in line, line
     assert out == ""

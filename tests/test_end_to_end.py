@@ -41,20 +41,17 @@ def assert_on_disk(root: Path, bucket: str, files: dict[str, bytes]) -> None:
 def test_cli_downloads_every_object_byte_for_byte(s3: S3Server, tmp_path: Path, run_cli) -> None:
     files = seed_dataset(s3, "road-data")
     code, out, err = run_cli("--buckets", "road-data", "--download-dir", str(tmp_path / "data"), *s3.args())
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert_on_disk(tmp_path / "data", "road-data", files)
     assert "DOWNLOAD SUMMARY" in out
     assert f"Total files:      {len(files)}" in out
-    assert (
-        not (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").exists()
-        or (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").is_dir()
-    )
+    assert not (tmp_path / "data" / "road-data" / "coryell" / "folder-marker").exists(), "a folder marker is no file"
     leftovers = list((tmp_path / "data").rglob(".adl-*"))
     assert leftovers == []
 
     code, out, err = run_cli("--buckets", "road-data", "--download-dir", str(tmp_path / "data"), "--json", *s3.args())
+    assert code == 0, (out, err)
     summary = json.loads(out)
-    assert code == 0
     assert summary["skipped"] == len(files) and summary["downloaded"] == 0
     assert summary["skipped_reasons"] == {"already downloaded": len(files)}
 
@@ -62,8 +59,8 @@ def test_cli_downloads_every_object_byte_for_byte(s3: S3Server, tmp_path: Path, 
 def test_seaweedfs_download_verifies_multipart(seaweed: S3Server, tmp_path: Path, run_cli) -> None:
     bucket = f"compat-{random.randrange(10**9)}"
     files = seed_dataset(seaweed, bucket)
-    code, _out, err = run_cli("--buckets", bucket, "--download-dir", str(tmp_path / "d"), "--json", *seaweed.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", bucket, "--download-dir", str(tmp_path / "d"), "--json", *seaweed.args())
+    assert code == 0, (out, err)
     assert_on_disk(tmp_path / "d", bucket, files)
     journal = json.loads((tmp_path / "d" / "download_resume.json").read_text())
     entry = journal["completed"][bucket]["coryell/Co Rd 360/big.bin"]
@@ -80,7 +77,7 @@ def test_script_runs_as_a_subprocess(s3: S3Server, tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.stdout, result.stderr)
     assert_on_disk(tmp_path / "out", "sub", files)
     assert "\r" not in result.stderr and "Downloading" not in result.stderr
     assert (tmp_path / "aws_downloader.log").exists()

@@ -113,8 +113,8 @@ def proxy(s3: S3Server) -> Iterator[RecordingProxy]:
 
 def test_endpoint_url_flag(s3: S3Server, tmp_path: Path, run_cli) -> None:
     seed(s3, "flagged")
-    code, _, err = run_cli("--buckets", "flagged", "--download-dir", "d", "--endpoint-url", s3.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "flagged", "--download-dir", "d", "--endpoint-url", s3.endpoint)
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d", "flagged")
 
 
@@ -124,8 +124,8 @@ def test_endpoint_from_the_environment_without_the_flag(
 ) -> None:
     seed(s3, "fromenv")
     monkeypatch.setenv(variable, s3.endpoint)
-    code, _, err = run_cli("--buckets", "fromenv", "--download-dir", "d")
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "fromenv", "--download-dir", "d")
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d", "fromenv")
 
 
@@ -136,13 +136,13 @@ def test_endpoint_precedence_flag_then_s3_variable_then_generic(
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here: using it would fail the run
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
-    code, _, err = run_cli("--buckets", "precedence", "--download-dir", "d1", "--retry-attempts", "0")
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "precedence", "--download-dir", "d1", "--retry-attempts", "0")
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d1", "precedence")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
-    code, _, err = run_cli("--buckets", "precedence", "--download-dir", "d2", "--endpoint-url", s3.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "precedence", "--download-dir", "d2", "--endpoint-url", s3.endpoint)
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d2", "precedence")
 
     assert adl.resolve_endpoint_url(adl.Config(endpoint_url="http://flag:1")) == "http://flag:1"
@@ -155,8 +155,8 @@ def test_custom_endpoints_use_path_style_addressing(
 ):
     (tmp_path / "aws_downloader_config.yaml").write_text(f"engine: {engine}\n")
     seed(s3, "pathstyle")
-    code, _, err = run_cli("--buckets", "pathstyle", "--download-dir", "d", "--endpoint-url", proxy.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "pathstyle", "--download-dir", "d", "--endpoint-url", proxy.endpoint)
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d", "pathstyle")
     host = proxy.endpoint.removeprefix("http://")
     assert proxy.requests
@@ -196,8 +196,8 @@ def test_client_computes_and_validates_checksums_only_when_required() -> None:
 
 def test_no_request_carries_botocores_default_checksum_headers(proxy: RecordingProxy, s3: S3Server, run_cli) -> None:
     seed(s3, "nochecksums")
-    code, _, err = run_cli("--buckets", "nochecksums", "--download-dir", "d", "--endpoint-url", proxy.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "nochecksums", "--download-dir", "d", "--endpoint-url", proxy.endpoint)
+    assert code == 0, (out, err)
     for request in proxy.requests:
         sent = {name for name in request.headers if name.startswith(("x-amz-checksum-", "x-amz-sdk-checksum"))}
         assert sent <= {"x-amz-checksum-mode"}, request  # asking for stored checksums is fine; sending some is not
@@ -217,7 +217,7 @@ def test_no_sign_request_needs_no_credentials(
     code, out, err = run_cli(
         "--buckets", "public", "--download-dir", "d", "--no-sign-request", "--endpoint-url", proxy.endpoint, "--json"
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert json.loads(out)["downloaded"] == len(FILES)
     assert_downloaded(tmp_path / "d", "public")
     assert proxy.requests
@@ -229,10 +229,10 @@ def test_no_sign_request_needs_no_credentials(
 def test_no_sign_request_to_a_private_bucket_is_denied_clearly(seaweed: S3Server, tmp_path: Path, run_cli) -> None:
     bucket = f"private-{tmp_path.name[-20:].lower().replace('_', '-')}"
     seed(seaweed, bucket)
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", bucket, "--download-dir", "d", "--no-sign-request", "--retry-attempts", "0", *seaweed.args()
     )
-    assert code == adl.EXIT_CREDENTIALS, err
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Access Denied" in errors[0] and bucket in errors[0], err
     assert "Traceback" not in err
@@ -249,10 +249,10 @@ def test_request_payer_header_reaches_the_server(
     (tmp_path / "aws_downloader_config.yaml").write_text(f"engine: {engine}\n")
     seed(s3, "payer")
     s3.put_multipart("payer", "big.bin", b"x" * (11 * 1024 * 1024), part_size=5 * 1024 * 1024)
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", "payer", "--download-dir", "d", "--request-payer", "requester", "--endpoint-url", proxy.endpoint
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert_downloaded(tmp_path / "d", "payer")
     assert (tmp_path / "d" / "payer" / "big.bin").stat().st_size == 11 * 1024 * 1024
     data_plane = [
@@ -263,8 +263,8 @@ def test_request_payer_header_reaches_the_server(
         assert request.headers.get("x-amz-request-payer") == "requester", request
 
     proxy.requests.clear()
-    code, _, err = run_cli("--buckets", "payer", "--download-dir", "d2", "--endpoint-url", proxy.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "payer", "--download-dir", "d2", "--endpoint-url", proxy.endpoint)
+    assert code == 0, (out, err)
     assert all("x-amz-request-payer" not in r.headers for r in proxy.requests)
 
 
@@ -284,14 +284,14 @@ def test_named_buckets_on_a_path_style_endpoint_build_no_botocore_client(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(adl, "make_client", counting_make_client)
-    code, _out, err = run_cli("--buckets", "noclient", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli("--buckets", "noclient", "--download-dir", "data", *s3.args())
+    assert code == adl.EXIT_OK, (out, err)
     assert_downloaded(tmp_path / "data", "noclient")
     assert built == []
 
     # Discovering every bucket needs ListBuckets, which still goes through botocore.
-    code, _out, err = run_cli("--download-dir", "data2", *s3.args())
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli("--download-dir", "data2", *s3.args())
+    assert code == adl.EXIT_OK, (out, err)
     assert_downloaded(tmp_path / "data2", "noclient")
     assert len(built) == 1
 
@@ -300,8 +300,8 @@ def test_named_buckets_on_a_path_style_endpoint_report_problems_like_botocore(
     s3: S3Server, tmp_path: Path, run_cli
 ) -> None:
     seed(s3, "here")
-    code, _out, err = run_cli("--buckets", "here", "not-here", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_NOTHING_LISTED, err
+    code, out, err = run_cli("--buckets", "here", "not-here", "--download-dir", "data", *s3.args())
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert "bucket 'not-here' does not exist" in err
     assert_downloaded(tmp_path / "data", "here")
 
@@ -310,11 +310,11 @@ def test_a_manifest_run_without_credentials_fails_instead_of_sending_unsigned_re
     s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed(s3, "signed")
-    code, _out, err = run_cli("--buckets", "signed", "--download-dir", "data", "--manifest", "m.jsonl", *s3.args())
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli("--buckets", "signed", "--download-dir", "data", "--manifest", "m.jsonl", *s3.args())
+    assert code == adl.EXIT_OK, (out, err)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     code, out, err = run_cli("--from-manifest", "m.jsonl", "--download-dir", "again", *s3.args())
-    assert code == adl.EXIT_CREDENTIALS
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     assert "Error: AWS credentials not found" in err and out == ""
     assert not (tmp_path / "again" / "signed").exists()

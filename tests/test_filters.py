@@ -160,7 +160,7 @@ def test_skip_reason_decisions(tmp_path: Path) -> None:
 
 def run_json(run_cli, *argv: str) -> dict:
     code, out, err = run_cli("--download-dir", "data", "--json", *argv)
-    assert code == 0, err
+    assert code == 0, (out, err)
     return json.loads(out)
 
 
@@ -216,8 +216,8 @@ def test_archived_storage_classes_are_skipped_with_the_reason(s3: S3Server, tmp_
     }
     assert files_under(tmp_path / "data" / "cold-bkt") == {"hot.txt", "ia.txt"}
 
-    code, out, _err = run_cli("--buckets", "cold-bkt", "--download-dir", "data2", *s3.args())
-    assert code == 0
+    code, out, err = run_cli("--buckets", "cold-bkt", "--download-dir", "data2", *s3.args())
+    assert code == 0, (out, err)
     assert "  archived storage class (GLACIER): 1" in out
 
 

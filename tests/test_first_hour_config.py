@@ -22,7 +22,7 @@ KNOWN_KEYS = ", ".join(sorted(adl.OPTIONS_BY_KEY))
 
 def error_line(code: int, out: str, err: str) -> str:
     """The one stderr line of a usage error (exit 2, nothing on stdout, no traceback)."""
-    assert code == adl.EXIT_USAGE, err
+    assert code == adl.EXIT_USAGE, (out, err)
     assert "Traceback" not in err
     assert out == ""
     lines = [line for line in err.strip().splitlines() if " - INFO - " not in line]  # the run's header line
@@ -99,8 +99,8 @@ def test_python_api_raises_the_same_config_error_for_an_endpoint(tmp_path: Path)
 def test_a_good_endpoint_still_downloads(s3: S3Server, tmp_path: Path, run_cli) -> None:
     s3.make_bucket("road-data")
     s3.put("road-data", "img/a.png", b"png")
-    code, _out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
+    assert code == 0, (out, err)
     assert (tmp_path / "d" / "road-data" / "img" / "a.png").read_bytes() == b"png"
 
 
@@ -144,8 +144,8 @@ def test_a_good_flag_overrides_a_file_value(s3: S3Server, tmp_path: Path, run_cl
     s3.make_bucket("road-data")
     s3.put("road-data", "a.bin", b"a")
     (tmp_path / "config.yaml").write_text("parallel_downloads: 8\nbuckets: [road-data]\n")
-    code, _out, err = run_cli("--config", "config.yaml", "--parallel", "2", "--endpoint-url", s3.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--config", "config.yaml", "--parallel", "2", "--endpoint-url", s3.endpoint)
+    assert code == 0, (out, err)
 
 
 def test_python_api_names_the_key_or_the_file(tmp_path: Path) -> None:
@@ -254,10 +254,10 @@ def test_version_and_help_name_the_command_the_user_ran(tmp_path: Path) -> None:
     script = installed_command(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
     version = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=60)
-    assert version.returncode == 0, version.stderr
+    assert version.returncode == 0, (version.stdout, version.stderr)
     assert version.stdout == f"aws-data-downloader {adl.__version__}\n"
     shown = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 0, (shown.stdout, shown.stderr)
     assert shown.stdout.startswith("usage: aws-data-downloader [-h] ")
     assert "aws_data_downloader.py" not in shown.stdout
     script_run = subprocess.run(
@@ -283,8 +283,8 @@ def help_entries(text: str) -> dict[str, str]:
 
 def test_help_shows_defaults_in_one_style_without_null(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
     monkeypatch.setenv("COLUMNS", "100")
-    code, out, _err = run_cli("--help")
-    assert code == 0
+    code, out, err = run_cli("--help")
+    assert code == 0, (out, err)
     entries = help_entries(out)
     assert {"-h", "--version", *(option.flag for option in adl.OPTIONS if option.flag)} <= set(entries)
     assert entries["--parallel"].endswith("(default: 32).")
@@ -322,7 +322,7 @@ def test_readme_python_section_imports_from_the_checkout_and_shows_log_lines(s3:
     result = subprocess.run(
         [sys.executable, "cell.py"], cwd=checkout, env=env, capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.stdout, result.stderr)
     assert "INFO:aws_data_downloader:" in result.stderr
     assert (checkout / "data" / "my-road-data-bucket" / "coryell" / "Co Rd 4235" / "img" / "000.png").exists()
 
@@ -333,8 +333,8 @@ def test_readme_python_section_imports_from_the_checkout_and_shows_log_lines(s3:
 def test_lock_file_stays_after_a_run_unlocked_as_the_readme_says(s3: S3Server, tmp_path: Path, run_cli) -> None:
     s3.make_bucket("road-data")
     s3.put("road-data", "a.bin", b"a")
-    code, _out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "road-data", "--download-dir", "d", "--endpoint-url", s3.endpoint)
+    assert code == 0, (out, err)
     lock = tmp_path / "d" / ".aws_downloader.lock"
     assert lock.is_file()
     with open(lock, "a") as handle:

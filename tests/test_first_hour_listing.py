@@ -164,5 +164,5 @@ def test_nothing_listening_at_the_endpoint_is_one_message_naming_it(
 
 def test_help_lists_exit_code_6(run_cli) -> None:
     code, out, err = run_cli("--help")
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert "6 a named bucket does not exist, or a bucket or prefix lists nothing" in " ".join(out.split())

@@ -90,7 +90,7 @@ def run_cell(tmp_path: Path, env: dict[str, str], settings: dict[str, object], *
     script = "import json\n" + prelude + CELL.format(repo=str(REPO), settings=settings)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=120)
     stderr = result.stderr.decode()  # not text=True: universal newlines would turn the bar's "\r" into "\n"
-    assert result.returncode == 0, stderr
+    assert result.returncode == 0, (result.stdout, stderr)
     return json.loads(result.stdout.decode().strip().splitlines()[-1]), stderr
 
 
@@ -127,7 +127,7 @@ def run_on_terminal(
         elif process.poll() is not None:
             break
     os.close(primary)
-    out = process.communicate(timeout=30)[0].decode()
+    out = process.communicate(timeout=120)[0].decode()
     return screen.decode(errors="replace"), out, process.returncode
 
 
@@ -220,7 +220,7 @@ def test_progress_lines_without_a_terminal_carry_the_bytes(
     code, out, err = run_cli(
         "--buckets", "line-bkt", "--download-dir", "data", "--endpoint-url", proxy.url, "--config", config
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert "\r" not in err and "Downloading" not in err
     lines = [line for line in err.splitlines() if " - INFO - Progress: 0 of 1 files done (" in line]
     fetched = [re.search(r"\), ([\d.]+) (B|KB|MB) of 2.0 MB fetched at [\d.]+ MB/s$", line) for line in lines]
@@ -276,8 +276,8 @@ def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3S
     s3.put_multipart("dbg-bkt", "large.bin", os.urandom(6 * MiB))  # ranged parts
     config = write_config(tmp_path, {"multipart_threshold_mb": 1, "multipart_chunksize_mb": 1})
     argv = ["--buckets", "dbg-bkt", "--download-dir", "data", "--config", config, "--verbose", *s3.args()]
-    code, _out, err = run_cli(*argv)
-    assert code == 0, err
+    code, out, err = run_cli(*argv)
+    assert code == 0, (out, err)
     assert "Changing event name" not in err
     assert " - DEBUG - Looking for credentials via: env" in err  # botocore's own debug lines stay
 
@@ -302,8 +302,8 @@ def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3S
     assert "DEBUG - aws_data_downloader - Object dbg-bkt/large.bin: downloaded" in log_text
     assert "Changing event name" not in log_text
 
-    code, _out, err = run_cli(*argv)  # everything is on disk now
-    assert code == 0, err
+    code, out, err = run_cli(*argv)  # everything is on disk now
+    assert code == 0, (out, err)
     skipped = [m for m in map(line.search, err.splitlines()) if m]
     assert len(skipped) == 3 and all(m["path"] == "skipped" and m["attempts"] == "0" for m in skipped), err
     assert all(m["outcome"] == "skipped (already downloaded)" for m in skipped), err

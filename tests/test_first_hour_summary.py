@@ -48,7 +48,7 @@ def test_the_log_starts_with_the_masked_command_line_and_ends_with_the_outcome(
 
     code, out, err = run_cli(*argv)
 
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     lines = log_lines(tmp_path / "run.log")
     prog = adl.build_parser().prog
     command = " ".join([prog, *argv[:11], adl.mask_access_key(access_key), "--secret", "****", "--session-token=****"])
@@ -76,7 +76,7 @@ def test_quiet_keeps_both_lines_out_of_the_console_but_in_the_log(s3: S3Server, 
         "--buckets", "quiet-bkt", "--download-dir", "data", "--endpoint-url", s3.endpoint, "--quiet"
     )  # fmt: skip
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, (out, err)
     assert err == "" and out.startswith("=" * 60 + "\nDOWNLOAD SUMMARY\n")
     lines = log_lines(tmp_path / "aws_downloader.log")
     assert lines[0].startswith(f"aws-data-downloader {adl.__version__} starting: ")
@@ -90,9 +90,9 @@ def test_quiet_keeps_both_lines_out_of_the_console_but_in_the_log(s3: S3Server, 
 def test_a_run_that_ends_in_an_error_still_ends_its_log_with_the_exit_code(
     s3: S3Server, tmp_path: Path, run_cli
 ) -> None:
-    code, _out, err = run_cli("--buckets", "absent-bkt", "--download-dir", "data", *s3.args())
+    code, out, err = run_cli("--buckets", "absent-bkt", "--download-dir", "data", *s3.args())
 
-    assert code == adl.EXIT_NOTHING_LISTED, err
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert err.splitlines()[-1] == "Error: bucket 'absent-bkt' does not exist"  # still the console's last line
     lines = log_lines(tmp_path / "aws_downloader.log")
     assert lines[0].startswith(f"aws-data-downloader {adl.__version__} starting: ")
@@ -146,7 +146,7 @@ def refetched_bytes(s3: S3Server, tmp_path: Path, run_cli, body: bytes) -> int:
     with FaultProxy(s3.endpoint) as proxy:
         code, out, err = run_cli("--buckets", "stop-bkt", "--download-dir", "data", "--endpoint-url", proxy.url,
                                  "--config", str(tmp_path / "config.json"), "--json")  # fmt: skip
-        assert code == adl.EXIT_OK, err
+        assert code == adl.EXIT_OK, (out, err)
         assert json.loads(out)["downloaded"] == 1
         fetched = proxy.bytes_sent("GET", BIG)
     assert (tmp_path / "data" / "stop-bkt" / BIG).read_bytes() == body
@@ -158,7 +158,7 @@ def test_an_interrupted_run_shows_the_unfinished_object_and_the_bytes_kept(
 ) -> None:
     code, out, err, body = interrupted_run(s3, tmp_path)
 
-    assert code == adl.EXIT_INTERRUPTED, err
+    assert code == adl.EXIT_INTERRUPTED, (out, err)
     assert "Stopping: no new files are started; in-flight ones stop at their next chunk" in err
     lines = out.splitlines()
     assert lines[3:9] == [
@@ -188,7 +188,7 @@ def test_an_interrupted_runs_json_counts_the_object_and_its_kept_bytes(
 ) -> None:
     code, out, err, body = interrupted_run(s3, tmp_path, "--json", multipart=multipart)
 
-    assert code == adl.EXIT_INTERRUPTED, err
+    assert code == adl.EXIT_INTERRUPTED, (out, err)
     summary = json.loads(out)
     assert summary["interrupted"] is True
     assert (summary["total_files"], summary["downloaded"], summary["interrupted_files"]) == (1, 0, 1)
@@ -205,8 +205,8 @@ def seed_for_dry_run(s3: S3Server, run_cli) -> None:
     s3.make_bucket("dry-bkt")
     s3.put("dry-bkt", "img/a.png", b"a" * 3000)
     s3.put("dry-bkt", "img/b.png", b"b" * 2000)
-    code, _out, err = run_cli("--buckets", "dry-bkt", "--download-dir", "data", *s3.args())
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli("--buckets", "dry-bkt", "--download-dir", "data", *s3.args())
+    assert code == adl.EXIT_OK, (out, err)
     s3.put("dry-bkt", "video/drive.mp4", b"v" * (3 * MiB // 2))
 
 
@@ -217,7 +217,7 @@ def test_a_dry_run_summary_says_would_download_and_would_skip_without_speed_or_r
 
     code, out, err = run_cli("--buckets", "dry-bkt", "--download-dir", "data", "--dry-run", *s3.args())
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     lines = out.splitlines()
     assert lines[:8] == [
         "=" * 60,
@@ -244,14 +244,14 @@ def test_a_dry_runs_json_says_would_download_and_keeps_the_other_keys(s3: S3Serv
 
     code, out, err = run_cli(*argv, "--dry-run")
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     dry = json.loads(out)
     assert "downloaded" not in dry
     assert (dry["would_download"], dry["would_download_bytes"], dry["skipped"]) == (1, 3 * MiB // 2, 2)
     assert (dry["downloaded_bytes"], dry["average_speed_mb_s"], dry["success_rate"]) == (0, 0.0, None)
     assert dry["dry_run"] is True
     code, out, err = run_cli(*argv)
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     real = json.loads(out)
     assert set(dry) - {"would_download", "would_download_bytes"} == set(real) - {"downloaded"}
     assert real["downloaded"] == 1 and "would_download" not in real
@@ -266,7 +266,7 @@ def test_a_1_5_mib_object_is_shown_as_1_5_mb_everywhere(s3: S3Server, tmp_path: 
 
     code, out, err = run_cli("--buckets", "size-bkt", "--download-dir", "data", *s3.args())
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert "Total size:       1.5 MB" in out.splitlines()
     assert "Downloaded size:  1.5 MB" in out.splitlines()
     assert "Found 1 object (1.5 MB); listing complete" in err
@@ -282,15 +282,15 @@ def test_max_file_size_mb_1_admits_exactly_1_mib(s3: S3Server, tmp_path: Path, r
         "--buckets", "limit-bkt", "--download-dir", "data", "--config", config, "--json", *s3.args()
     )  # fmt: skip
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     summary = json.loads(out)
     assert (summary["downloaded"], summary["downloaded_bytes"]) == (1, 1_048_576)
     assert [p.name for p in (tmp_path / "data" / "limit-bkt").iterdir()] == ["exact.bin"]
 
 
 def test_the_size_flags_help_says_mib(run_cli) -> None:
-    code, out, _err = run_cli("--help")
-    assert code == 0
+    code, out, err = run_cli("--help")
+    assert code == 0, (out, err)
     help_text = " ".join(out.split())
     for flag in ("--min-size-mb", "--max-size-mb", "--multipart-threshold-mb"):
         assert f"{flag} MiB" in help_text
@@ -312,7 +312,7 @@ def test_the_summary_names_the_download_dir_and_the_manifest(
 
     code, out, err = run_cli("--buckets", "where-bkt", "--download-dir", "data", *extra, *s3.args())
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     lines = out.splitlines()
     assert lines[12] == f"Download dir:     {tmp_path / 'data'}"
     if manifest:
@@ -329,14 +329,14 @@ def test_found_counts_objects_and_leaves_skips_to_the_summary(s3: S3Server, tmp_
     s3.make_bucket("words-bkt")
     s3.put("words-bkt", "a.txt", b"alpha")
     argv = ("--buckets", "words-bkt", "--download-dir", "data", *s3.args())
-    code, _out, err = run_cli(*argv)
-    assert code == adl.EXIT_OK, err
+    code, out, err = run_cli(*argv)
+    assert code == adl.EXIT_OK, (out, err)
     assert "Found 1 object (5 B); listing complete" in err
 
     s3.put("words-bkt", "b.txt", b"beta")
     assert run_cli(*argv)[0] == adl.EXIT_OK
     code, out, err = run_cli(*argv)  # both are on disk: found, and all skipped
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert "Found 2 objects (9 B); listing complete" in err
     assert "to download" not in err
     assert "Skipped:          2" in out.splitlines() and "Downloaded:       0" in out.splitlines()

@@ -47,7 +47,7 @@ def test_a_complete_object_with_the_same_etag_is_not_fetched_again(
     proxy: FaultProxy, tmp_path: Path, files: dict[str, bytes], run_cli
 ) -> None:
     code, summary = run(run_cli, proxy, tmp_path)
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     snapshot, journal = resume_paths(tmp_path)
     state = json.loads(snapshot.read_text())
     assert state["format"] == adl.RESUME_FORMAT and state["partial"] == {}
@@ -57,7 +57,7 @@ def test_a_complete_object_with_the_same_etag_is_not_fetched_again(
 
     code, summary = run(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert (summary["downloaded"], summary["skipped"]) == (0, len(files))
     assert summary["skipped_reasons"] == {"already downloaded": len(files)}
     assert proxy.count("GET", key="/dir/") == 0
@@ -67,7 +67,8 @@ def test_a_complete_object_with_the_same_etag_is_not_fetched_again(
 def test_a_changed_object_is_downloaded_again(
     s3: S3Server, proxy: FaultProxy, tmp_path: Path, files: dict[str, bytes], run_cli
 ) -> None:
-    assert run(run_cli, proxy, tmp_path)[0] == adl.EXIT_OK
+    code, summary = run(run_cli, proxy, tmp_path)
+    assert code == adl.EXIT_OK, summary
     changed = "dir/file-2.bin"
     new_body = random.Random(22).randbytes(len(files[changed]))  # same size: only the ETag tells
     new_etag = s3.put(BUCKET, changed, new_body)
@@ -75,7 +76,7 @@ def test_a_changed_object_is_downloaded_again(
 
     code, summary = run(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert (summary["downloaded"], summary["skipped"]) == (1, len(files) - 1)
     assert [r.path for r in proxy.requests("GET", key="/dir/")] == [f"/{BUCKET}/{changed}"]
     assert (tmp_path / "data" / BUCKET / changed).read_bytes() == new_body
@@ -86,7 +87,8 @@ def test_a_changed_object_is_downloaded_again(
 def test_a_torn_last_journal_line_is_ignored(
     proxy: FaultProxy, tmp_path: Path, files: dict[str, bytes], run_cli
 ) -> None:
-    assert run(run_cli, proxy, tmp_path)[0] == adl.EXIT_OK
+    code, summary = run(run_cli, proxy, tmp_path)
+    assert code == adl.EXIT_OK, summary
     snapshot, journal = resume_paths(tmp_path)
     # As a kill -9 leaves it: an older snapshot, whole journal lines, and one torn line at the end.
     state = json.loads(snapshot.read_text())
@@ -103,7 +105,7 @@ def test_a_torn_last_journal_line_is_ignored(
 
     code, summary = run(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert summary["skipped_reasons"] == {"already downloaded": len(files)}
     assert proxy.count("GET", key="/dir/") == 0
     assert not journal.exists()
@@ -120,7 +122,7 @@ def test_a_corrupt_snapshot_is_moved_aside_and_the_run_still_works(
 
     code, summary = run(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == len(files)
+    assert code == adl.EXIT_OK and summary["downloaded"] == len(files), summary
     aside = snapshot.with_name("download_resume.json.corrupt")
     assert aside.read_text().endswith('"completed": {"x": ')
     assert set(json.loads(snapshot.read_text())["completed"][BUCKET]) == set(files)
@@ -135,7 +137,7 @@ def test_the_resume_file_never_holds_credentials(
     secret, token = "SECRET-do-not-store-4f2a9c", "TOKEN-do-not-store-77d1e0"
     access_key = "AKIATESTJOURNAL00001"
     log_file = tmp_path / "run.log"
-    code, _summary = run(
+    code, summary = run(
         run_cli,
         proxy,
         tmp_path,
@@ -148,7 +150,7 @@ def test_the_resume_file_never_holds_credentials(
         "--log-file",
         str(log_file),
     )
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert "Using access key" in log_file.read_text()
     # The Python API with explicit credentials, into a second directory.
     summary = adl.AWSDataDownloader(

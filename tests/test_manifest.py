@@ -57,7 +57,7 @@ def test_manifest_has_one_line_per_selected_object(s3: S3Server, tmp_path: Path,
         "--json",
         *s3.args(),
     )
-    assert code == adl.EXIT_FAILED, err  # the unsafe key fails; everything else is on disk
+    assert code == adl.EXIT_FAILED, (out, err)  # the unsafe key fails; everything else is on disk
     assert json.loads(out)["manifest"] == str(manifest)
     records = by_key(read_lines(manifest))
     assert set(records) == {*files, "bad//key.png"}  # filtered-out objects are not in the selection
@@ -69,16 +69,21 @@ def test_manifest_has_one_line_per_selected_object(s3: S3Server, tmp_path: Path,
         assert Path(record["path"]).read_bytes() == body
         assert Path(record["path"]) == (tmp_path / "d" / "mfst" / key).absolute()
     assert records["img/a.png"]["etag"] == hashlib.md5(files["img/a.png"]).hexdigest()
-    assert records["img/a.png"]["checksum"]["value"]  # verified by some algorithm the store offered
+    # Uploaded without an additional checksum: the single-part ETag (the body's MD5) verifies it.
+    assert records["img/a.png"]["checksum"] == {
+        "algorithm": "md5",
+        "value": hashlib.md5(files["img/a.png"]).hexdigest(),
+    }
     assert records["big.bin"]["etag"] == multipart_etag_of(files["big.bin"], 5 * MiB)
     assert records["big.bin"]["checksum"] == {"algorithm": "md5-multipart", "value": records["big.bin"]["etag"]}
     failed = records["bad//key.png"]
     assert failed["status"] == "failed" and failed["reason"].startswith("unsafe key") and failed["path"] is None
 
     # A second run records the skips, with the reason, and keeps the verified checksum from the journal.
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", "mfst", "--download-dir", "d", "--exclude", "*.tmp", "--manifest", str(manifest), *s3.args()
     )
+    assert code == adl.EXIT_FAILED, (out, err)  # the unsafe key fails again
     records = by_key(read_lines(manifest))
     assert {records[key]["status"] for key in files} == {"skipped"}
     assert {records[key]["reason"] for key in files} == {"already downloaded"}
@@ -88,14 +93,14 @@ def test_manifest_has_one_line_per_selected_object(s3: S3Server, tmp_path: Path,
 def test_from_manifest_rebuilds_exactly_the_recorded_objects(s3: S3Server, tmp_path: Path, run_cli) -> None:
     files = seed(s3, "rebuild")
     manifest = tmp_path / "train-v1.jsonl"
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", "rebuild", "--download-dir", "machine-a", "--manifest", str(manifest), *s3.args()
     )
-    assert code == 0, err
+    assert code == 0, (out, err)
     s3.put("rebuild", "img/new-after-manifest.png", b"not part of the training set")
 
     code, out, err = run_cli("--from-manifest", str(manifest), "--download-dir", "machine-b", "--json", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     summary = json.loads(out)
     assert summary["downloaded"] == len(files) and summary["failed"] == 0
     on_disk = {
@@ -113,12 +118,12 @@ def test_from_manifest_fetches_the_recorded_versions_after_an_overwrite(
     (tmp_path / "aws_downloader_config.yaml").write_text(f"engine: {engine}\n")  # both GET engines pin versions
     files = seed(s3, "versioned", versioned=True)
     manifest = tmp_path / "m.jsonl"
-    code, _, err = run_cli("--buckets", "versioned", "--download-dir", "a", "--manifest", str(manifest), *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "versioned", "--download-dir", "a", "--manifest", str(manifest), *s3.args())
+    assert code == 0, (out, err)
     records = by_key(read_lines(manifest))
     assert all(records[key]["version_id"] for key in files), records  # a versioned bucket's GETs name the version
-    code, _, err = run_cli("--buckets", "versioned", "--download-dir", "a", "--manifest", "again.jsonl", *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "versioned", "--download-dir", "a", "--manifest", "again.jsonl", *s3.args())
+    assert code == 0, (out, err)
     again = by_key(read_lines(tmp_path / "again.jsonl"))  # skipped objects keep the version the journal recorded
     assert {key: r["version_id"] for key, r in again.items()} == {key: records[key]["version_id"] for key in files}
     assert {r["status"] for r in again.values()} == {"skipped"}
@@ -128,7 +133,7 @@ def test_from_manifest_fetches_the_recorded_versions_after_an_overwrite(
     s3.client.delete_object(Bucket="versioned", Key="ann/labels.json")  # a delete marker hides it from listings
 
     code, out, err = run_cli("--from-manifest", str(manifest), "--download-dir", "b", "--json", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert json.loads(out)["downloaded"] == len(files)
     for key, body in files.items():
         assert (tmp_path / "b" / "versioned" / key).read_bytes() == body, key
@@ -139,8 +144,8 @@ def test_from_manifest_fails_an_object_whose_etag_changed(s3: S3Server, tmp_path
     (tmp_path / "aws_downloader_config.yaml").write_text(f"engine: {engine}\n")
     files = seed(s3, "unversioned")
     manifest = tmp_path / "m.jsonl"
-    code, _, err = run_cli("--buckets", "unversioned", "--download-dir", "a", "--manifest", str(manifest), *s3.args())
-    assert code == 0, err
+    code, out, err = run_cli("--buckets", "unversioned", "--download-dir", "a", "--manifest", str(manifest), *s3.args())
+    assert code == 0, (out, err)
     assert all(record["version_id"] is None for record in read_lines(manifest))
     s3.put("unversioned", "img/b.png", b"different bytes now")
     # Same size and part count, other bytes: only the ETag tells them apart. (moto answers a HEAD for a part
@@ -148,7 +153,7 @@ def test_from_manifest_fails_an_object_whose_etag_changed(s3: S3Server, tmp_path
     s3.put_multipart("unversioned", "big.bin", random.randbytes(11 * MiB), part_size=5 * MiB)
 
     code, out, err = run_cli("--from-manifest", str(manifest), "--download-dir", "b", "--json", *s3.args())
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     summary = json.loads(out)
     assert summary["failed"] == 2 and summary["downloaded"] == len(files) - 2
     assert {(f["key"], f["reason"]) for f in summary["failures"]} == {
@@ -159,8 +164,8 @@ def test_from_manifest_fails_an_object_whose_etag_changed(s3: S3Server, tmp_path
     assert not (tmp_path / "b" / "unversioned" / "big.bin").exists()
     assert (tmp_path / "b" / "unversioned" / "img/a.png").read_bytes() == files["img/a.png"]
 
-    code, out, _ = run_cli("--from-manifest", str(manifest), "--download-dir", "b", *s3.args())
-    assert code == adl.EXIT_FAILED
+    code, out, err = run_cli("--from-manifest", str(manifest), "--download-dir", "b", *s3.args())
+    assert code == adl.EXIT_FAILED, (out, err)
     assert "etag no longer matches the manifest (2)" in out
 
 
@@ -221,10 +226,10 @@ def test_a_changed_object_is_refetched_in_normal_runs_and_fails_in_manifest_runs
 
 
 def test_bad_manifests_exit_2_with_one_line(s3: S3Server, tmp_path: Path, run_cli) -> None:
-    code, _, err = run_cli("--from-manifest", "missing.jsonl", "--download-dir", "d", *s3.args())
-    assert code == adl.EXIT_USAGE
+    code, out, err = run_cli("--from-manifest", "missing.jsonl", "--download-dir", "d", *s3.args())
+    assert code == adl.EXIT_USAGE, (out, err)
     assert err.strip().splitlines()[-1].startswith("Error: cannot read manifest missing.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"bucket": "b", "key": "k", "size": 1, "etag": "e"}\n{"bucket": "b"}\n')
-    code, _, err = run_cli("--from-manifest", "broken.jsonl", "--download-dir", "d", *s3.args())
-    assert code == adl.EXIT_USAGE
+    code, out, err = run_cli("--from-manifest", "broken.jsonl", "--download-dir", "d", *s3.args())
+    assert code == adl.EXIT_USAGE, (out, err)
     assert "Error: manifest broken.jsonl line 2 is not a manifest record" in err

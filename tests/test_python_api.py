@@ -146,7 +146,7 @@ def test_many_downloaders_in_one_process_log_once_and_leave_no_threads(s3: S3Ser
     assert messages.count("AWS credentials validated successfully") == 4, messages
     assert logging.getLogger().handlers == root_handlers  # the API adds no handlers, so nothing prints twice
     assert logger.handlers == logger_handlers
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a hang guard: the threads normally end within milliseconds
     while (_adl_threads() - threads_before) and time.monotonic() < deadline:
         time.sleep(0.05)  # a pool's threads may take a moment to return after shutdown(wait=True)
     assert _adl_threads() - threads_before == set()
@@ -162,7 +162,7 @@ def test_python_m_version(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.strip().endswith(adl.__version__)
 
 
@@ -174,8 +174,9 @@ def test_console_script_entry_point(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     monkeypatch.setattr(sys, "argv", ["aws-data-downloader", "--version"])
     with pytest.raises(SystemExit) as raised:
         adl.console_main()
-    assert raised.value.code == 0
-    assert adl.__version__ in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert raised.value.code == 0, (output.out, output.err)
+    assert adl.__version__ in output.out
 
 
 def test_setuptools_metadata_declares_the_console_script(tmp_path: Path) -> None:
@@ -195,7 +196,7 @@ def test_setuptools_metadata_declares_the_console_script(tmp_path: Path) -> None
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.stdout, result.stderr)
     [info] = source.glob("*.egg-info")
     entry_points = (info / "entry_points.txt").read_text()
     assert "[console_scripts]" in entry_points
@@ -252,6 +253,8 @@ def test_readme_python_examples_run_as_written(s3: S3Server, tmp_path: Path) -> 
             text=True,
             timeout=120,
         )
-        assert result.returncode == 0, f"README block under {heading!r} failed:\n{code}\n{result.stderr}"
+        assert result.returncode == 0, (
+            f"README block under {heading!r} failed:\n{code}\n{result.stdout}\n{result.stderr}"
+        )
         downloaded = {str(p.relative_to(workdir)) for p in workdir.rglob("*.png")}
         assert downloaded, f"README block under {heading!r} downloaded no images"

@@ -11,7 +11,6 @@ import http.client
 import io
 import logging
 import threading
-import time
 
 import pytest
 
@@ -287,16 +286,24 @@ def test_a_final_answer_is_not_retried(exc: BaseException) -> None:
     assert calls == [1]
 
 
-def test_a_stop_during_the_backoff_ends_the_request_as_interrupted() -> None:
-    stop = threading.Event()
-    config = adl.build_config({"retry_attempts": 5, "retry_backoff_s": 60.0})
-    attempts = adl.Attempts("bkt/k", config, stop)
-    threading.Timer(0.05, stop.set).start()
-    started = time.monotonic()
+def test_a_stop_during_the_backoff_ends_the_request_as_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backoff waits on the stop event: a stop set while it waits raises Interrupted (a backoff that slept
+    instead would return after the delay, and failed() would return normally)."""
+    monkeypatch.setattr(adl, "backoff_delay", lambda attempt, base: 20.0)  # the cap: jitter cannot make it ~0
+    waits: list[float | None] = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            self.set()  # the stop comes while the backoff waits
+            return super().wait(timeout)
+
+    stop = Stop()
+    attempts = adl.Attempts("bkt/k", adl.build_config({"retry_attempts": 5, "retry_backoff_s": 60.0}), stop)
     with pytest.raises(adl.Interrupted):
         attempts.failed(ConnectionResetError())
-    assert stop.is_set() and attempts.failures == 1
-    del started  # the wait ended with the stop, not after the backoff: Interrupted says so
+    assert waits == [20.0], "the backoff waits on the stop event, for the backoff delay"
+    assert attempts.failures == 1
 
 
 def test_botocore_retries_nothing_itself() -> None:

@@ -51,7 +51,7 @@ def test_reset_mid_body_resumes_from_the_bytes_written(
 
     code, summary = run_json(run_cli, proxy, tmp_path, engine=engine)
 
-    assert code == adl.EXIT_OK
+    assert code == adl.EXIT_OK, summary
     assert (summary["downloaded"], summary["failed"]) == (2, 0)
     assert_files(tmp_path, files)
     requests = gets(proxy, "reset.bin")
@@ -78,7 +78,7 @@ def test_truncated_body_resumes_with_a_range(
 
     code, summary = run_json(run_cli, proxy, tmp_path, engine=engine)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == 1
+    assert code == adl.EXIT_OK and summary["downloaded"] == 1, summary
     assert_files(tmp_path, files)
     requests = gets(proxy, "short.bin")
     assert [r.faults for r in requests] == [["truncate"], []]
@@ -106,7 +106,7 @@ def test_server_errors_are_retried_and_logged(
 
     code, summary = run_json(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == 2
+    assert code == adl.EXIT_OK and summary["downloaded"] == 2, summary
     assert_files(tmp_path, files)
     assert [r.status for r in gets(proxy, "flaky.txt")] == [status, status, 200]
     lines = retry_lines(caplog, "flaky.txt")
@@ -147,7 +147,7 @@ def test_slow_responses_still_download(s3: S3Server, proxy: FaultProxy, tmp_path
 
     code, summary = run_json(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == 2
+    assert code == adl.EXIT_OK and summary["downloaded"] == 2, summary
     assert_files(tmp_path, files)
     assert gets(proxy, "late.bin")[0].faults == ["delay"]
 
@@ -157,11 +157,13 @@ def test_a_response_slower_than_the_read_timeout_is_retried(
 ) -> None:
     caplog.set_level(logging.INFO)
     files = seed(s3, {"stuck.bin": 300 * KiB})
-    proxy.delay(key="stuck.bin", seconds=2.5, times=1)
+    # The delay is far beyond the read timeout, and the read timeout far beyond any answer on a loaded machine:
+    # the first GET times out, the retry succeeds (the delayed answer ends when the proxy stops).
+    proxy.delay(key="stuck.bin", seconds=120, times=1)
 
-    code, summary = run_json(run_cli, proxy, tmp_path, read_timeout_s=1.0)
+    code, summary = run_json(run_cli, proxy, tmp_path, read_timeout_s=3.0)
 
-    assert code == adl.EXIT_OK and summary["downloaded"] == 1
+    assert code == adl.EXIT_OK and summary["downloaded"] == 1, summary
     assert_files(tmp_path, files)
     assert len(gets(proxy, "stuck.bin")) == 2
     [line] = retry_lines(caplog, "stuck.bin")
@@ -186,7 +188,7 @@ def test_client_errors_fail_once_without_retry(
 
     code, summary = run_json(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, summary
     assert (summary["downloaded"], summary["failed"]) == (1, 1)
     assert summary["failures"] == [{"bucket": BUCKET, "key": "gone.txt", "reason": reason}]
     assert len(gets(proxy, "gone.txt")) == 1
@@ -201,7 +203,7 @@ def test_key_deleted_after_listing_fails_as_not_found(s3: S3Server, proxy: Fault
 
     code, summary = run_json(run_cli, proxy, tmp_path)
 
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, summary
     assert summary["failures_by_reason"] == {"not found (deleted since listing)": 1}
     assert [r.status for r in gets(proxy, "deleted.txt")] == [404]
     assert (tmp_path / "data" / BUCKET / "kept.txt").read_bytes() == files["kept.txt"]
@@ -224,7 +226,7 @@ def test_persistent_faults_fail_that_object_and_the_run_completes(
 
     code, summary = run_json(run_cli, proxy, tmp_path, retry_attempts=2)
 
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, summary
     assert (summary["total_files"], summary["downloaded"], summary["failed"]) == (3, 2, 1)
     [failure] = summary["failures"]
     assert failure["key"] == "bad.bin" and failure["reason"].startswith(reason)
@@ -242,7 +244,7 @@ def test_a_listing_that_keeps_failing_is_one_clear_error(
     seed(s3, {"a.bin": 100})
     proxy.reset(method="GET", where=lambda request: "list-type=2" in request.query)
 
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets",
         BUCKET,
         "--download-dir",
@@ -253,7 +255,7 @@ def test_a_listing_that_keeps_failing_is_one_clear_error(
         write_config(tmp_path, FAST),
     )
 
-    assert code == adl.EXIT_FAILED
+    assert code == adl.EXIT_FAILED, (out, err)
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and f"listing bucket '{BUCKET}' failed after 3 retries" in errors[0]

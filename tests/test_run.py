@@ -209,6 +209,8 @@ def test_a_notebook_handler_sees_no_secret_during_a_run(tmp_path: Path, fake_eng
     assert summary.ok and any("AKIA************2345" in line for line in during), "the access key shows masked"
     assert not any(secret in line or "AKIANOTEBOOKKEY12345" in line for line in during)
     assert adl.SecretRedactingFilter not in {type(f) for f in handler.filters}, "the filter is removed afterwards"
+    after = [line for line in handler.lines if "x-amz-secret" in line]
+    assert after == [f"header x-amz-secret: {secret}"], "after the run the caller's handler is not redacted"
 
 
 def test_the_redactor_holds_only_the_current_runs_secrets(tmp_path: Path, fake_engine) -> None:

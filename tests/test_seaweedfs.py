@@ -45,7 +45,7 @@ class Requests:
 
     def read(self) -> Counter[tuple[str, str]]:
         counts: Counter[tuple[str, str]] = Counter()
-        text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        text = urllib.request.urlopen(self.url, timeout=60).read().decode()
         for line in text.splitlines():
             match = _METRIC.match(line)
             if match and match.group(1) == self.bucket:
@@ -139,7 +139,7 @@ def test_listing_paginates_past_1000_keys_with_prefixes(
 
     before = requests.settled()
     code, summary, err = run_json(run_cli, seaweed, *argv)
-    assert code == 0, err
+    assert code == 0, (summary, err)
     assert summary["downloaded"] == summary["total_files"] == 1080
     root = tmp_path / "d" / bucket
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*.txt")) == sorted(keys[:1080])
@@ -150,7 +150,7 @@ def test_listing_paginates_past_1000_keys_with_prefixes(
 
     before = requests.settled()
     code, summary, err = run_json(run_cli, seaweed, *argv)
-    assert code == 0, err
+    assert code == 0, (summary, err)
     assert summary["skipped"] == 1080 and summary["downloaded"] == 0
     delta = requests.since(before)
     assert delta[("body", "GET")] == 0, delta
@@ -177,7 +177,7 @@ def test_filters(seaweed: S3Server, tmp_path: Path, run_cli) -> None:
         "--buckets", bucket, "--download-dir", "d", "--extensions", "png", ".json", "--include", "data/*",
         "--exclude", "*/tmp/*", "--min-size-mb", "0.01", "--max-size-mb", "0.1",
     )  # fmt: skip
-    assert code == 0, err
+    assert code == 0, (summary, err)
     kept = {"data/img/keep-1.png", "data/img/keep-2.PNG", "data/ann/keep.json"}
     assert summary["total_files"] == summary["downloaded"] == len(kept)
     root = tmp_path / "d" / bucket
@@ -189,7 +189,7 @@ def test_small_and_multipart_objects_are_verified(seaweed: S3Server, tmp_path: P
     files, layouts = seed_mixed(seaweed, bucket)
     argv = ["--buckets", bucket, "--download-dir", "d", "--manifest", "m.jsonl", "--multipart-threshold-mb", "1"]
     code, summary, err = run_json(run_cli, seaweed, *argv)
-    assert code == 0, err
+    assert code == 0, (summary, err)
     assert summary["downloaded"] == len(files) and summary["failed"] == 0
     for key, body in files.items():
         assert (tmp_path / "d" / bucket / key).read_bytes() == body, key
@@ -220,14 +220,14 @@ def test_second_run_skips_everything_without_a_get(
     requests = Requests(seaweed_process, bucket)
     before = requests.settled()
     code, summary, err = run_json(run_cli, seaweed, "--buckets", bucket, "--download-dir", "d")
-    assert code == 0, err
+    assert code == 0, (summary, err)
     first = requests.since(before)
     assert first[("GET", "206")] >= 7, first  # multipart objects come in ranged parts
     assert first[("sent", "bytes")] >= sum(map(len, files.values()))
 
     before = requests.settled()
     code, summary, err = run_json(run_cli, seaweed, "--buckets", bucket, "--download-dir", "d")
-    assert code == 0, err
+    assert code == 0, (summary, err)
     assert summary["skipped"] == len(files) and summary["downloaded"] == 0 and summary["downloaded_bytes"] == 0
     assert summary["skipped_reasons"] == {"already downloaded": len(files)}
     second = requests.since(before)
@@ -283,19 +283,19 @@ def test_cli_summary_and_exit_codes(seaweed: S3Server, tmp_path: Path, run_cli) 
     bucket = unique_bucket("summary")
     files, _ = seed_mixed(seaweed, bucket)
     code, out, err = run_cli("--buckets", bucket, "--download-dir", "d", *seaweed.args())
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert "DOWNLOAD SUMMARY" in out
     assert f"Total files:      {len(files)}" in out and f"Downloaded:       {len(files)}" in out
     assert "Failed:           0" in out and "Success rate:     100.0%" in out
 
     missing = unique_bucket("missing")
     code, out, err = run_cli("--buckets", bucket, missing, "--download-dir", "d", *seaweed.args())
-    assert code == adl.EXIT_NOTHING_LISTED, err  # a named bucket that does not exist makes the run incomplete
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)  # a named bucket that does not exist makes the run incomplete
     assert f"Skipped:          {len(files)}" in out
     assert f"Bucket not downloaded: bucket '{missing}' does not exist" in out
 
     code, out, err = run_cli("--buckets", missing, "--download-dir", "d", *seaweed.args())
-    assert code == adl.EXIT_NOTHING_LISTED, err
+    assert code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert f"Error: bucket '{missing}' does not exist" in err
 
 
@@ -310,7 +310,7 @@ def test_rejected_credentials_exit_3(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
     argv = ["--buckets", bucket] if named else []
     code, out, err = run_cli(*argv, "--download-dir", "d", "--retry-attempts", "0", *seaweed.args())
-    assert code == adl.EXIT_CREDENTIALS, err
+    assert code == adl.EXIT_CREDENTIALS, (out, err)
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, err
     assert "credentials rejected" in errors[0], errors

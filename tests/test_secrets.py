@@ -78,7 +78,7 @@ def test_command_line_secrets_never_leak(s3: S3Server, tmp_path: Path, run_cli) 
         "--buckets", BUCKET, *common, "--log-file", "run.log", "--manifest", str(tmp_path / "m.jsonl"), "--json",
         "--config", "boto3.yaml",
     )  # fmt: skip
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     summary = json.loads(out)
     assert summary["downloaded"] == 2 and summary["failed"] == 1
     log_text = (tmp_path / "run.log").read_text()
@@ -89,7 +89,7 @@ def test_command_line_secrets_never_leak(s3: S3Server, tmp_path: Path, run_cli) 
 
     # A failing run: the error message and the summary of a run that stops.
     code2, out2, err2 = run_cli("--buckets", "no-such-bucket", *common, "--log-file", "fail.log")
-    assert code2 == adl.EXIT_NOTHING_LISTED, err2
+    assert code2 == adl.EXIT_NOTHING_LISTED, (out2, err2)
     assert "Error: " in err2
 
     found = outputs(tmp_path, download_dir, out, err, out2, err2)
@@ -153,7 +153,7 @@ def test_environment_secrets_never_leak_in_debug_output(s3: S3Server, tmp_path: 
         text=True,
         timeout=120,
     )
-    assert result.returncode == adl.EXIT_FAILED, result.stderr
+    assert result.returncode == adl.EXIT_FAILED, (result.stdout, result.stderr)
     log_text = (tmp_path / "run.log").read_text()
     assert "x-amz-security-token" in log_text.lower()
     assert (download_dir / BUCKET / "dir" / "b.bin").read_bytes() == b"b" * 5000

@@ -88,7 +88,7 @@ def test_n_shards_in_their_own_dirs_are_disjoint_and_cover_the_selection(s3: S3S
             "--buckets", "sharded", "--extensions", ".png", "--download-dir", f"m{index}", "--shard", f"{index}/3",
             "--json", *s3.args(),
         )  # fmt: skip
-        assert code == 0, err
+        assert code == 0, (out, err)
         got = files_under(tmp_path / f"m{index}" / "sharded")
         assert json.loads(out)["downloaded"] == len(got)
         assert got == {key for key in selected if adl.shard_of("sharded", key, 3) == index}
@@ -108,7 +108,7 @@ def test_shards_run_one_after_another_into_the_same_dir(s3: S3Server, tmp_path: 
         code, out, err = run_cli(
             "--buckets", "sequential", "--download-dir", "d", "--shard", f"{index}/4", "--json", *s3.args()
         )
-        assert code == 0, err
+        assert code == 0, (out, err)
         summary = json.loads(out)
         assert summary["skipped"] == 0  # other shards' files are outside this shard's selection, not skips
         totals.append(summary["downloaded"])
@@ -121,7 +121,7 @@ def test_shard_from_the_config_file(s3: S3Server, tmp_path: Path, run_cli) -> No
     files = seed(s3, "cfgshard")
     (tmp_path / "cfg.yaml").write_text("buckets: [cfgshard]\nshard: '2/5'\ndownload_dir: out\n")
     code, out, err = run_cli("--config", "cfg.yaml", "--json", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     expected = {key for key in files if adl.shard_of("cfgshard", key, 5) == 2}
     assert json.loads(out)["downloaded"] == len(expected)
     for key in files:
@@ -135,7 +135,7 @@ def test_shard_auto_takes_the_index_from_the_job(
     files = seed(s3, "autoshard")
     monkeypatch.setenv(variable, "1")
     code, out, err = run_cli("--buckets", "autoshard", "--download-dir", "d", "--shard", "auto/2", "--json", *s3.args())
-    assert code == 0, err
+    assert code == 0, (out, err)
     expected = {key for key in files if adl.shard_of("autoshard", key, 2) == 1}
     assert 0 < len(expected) < len(files)
     assert json.loads(out)["downloaded"] == len(expected)
@@ -145,7 +145,7 @@ def test_shard_auto_takes_the_index_from_the_job(
 def test_shard_auto_without_a_job_index_exits_2(s3: S3Server, run_cli) -> None:
     s3.make_bucket("noindex")
     code, out, err = run_cli("--buckets", "noindex", "--download-dir", "d", "--shard", "auto/3", *s3.args())
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     error_lines = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1
     assert "JOB_COMPLETION_INDEX" in error_lines[0] and "AWS_BATCH_JOB_ARRAY_INDEX" in error_lines[0]
@@ -155,7 +155,7 @@ def test_shard_auto_without_a_job_index_exits_2(s3: S3Server, run_cli) -> None:
 @pytest.mark.parametrize("value", ["3/3", "x/2", "1/0", "1", "²/3", "auto"])
 def test_malformed_shard_flag_exits_2_with_one_line(s3: S3Server, run_cli, value: str) -> None:
     code, out, err = run_cli("--buckets", "any", "--download-dir", "d", "--shard", value, *s3.args())
-    assert code == adl.EXIT_USAGE
+    assert code == adl.EXIT_USAGE, (out, err)
     assert err.strip().count("\n") == 0, err
     assert err.startswith("Error: --shard must "), err  # the flag the user typed, not the config key
     assert out == ""
@@ -163,6 +163,6 @@ def test_malformed_shard_flag_exits_2_with_one_line(s3: S3Server, run_cli, value
 
 def test_malformed_shard_in_config_exits_2(tmp_path: Path, run_cli) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({"shard": "5/2"}))
-    code, _, err = run_cli("--config", "cfg.json")
-    assert code == adl.EXIT_USAGE
+    code, out, err = run_cli("--config", "cfg.json")
+    assert code == adl.EXIT_USAGE, (out, err)
     assert err.strip() == "Error: shard in cfg.json must have 0 <= I < N, got '5/2'"

@@ -154,8 +154,8 @@ def test_api_errors_are_downloader_errors_with_the_cli_message(s3: S3Server, no_
     with pytest.raises(adl.NothingAccessibleError) as caught:
         adl.AWSDataDownloader({"buckets": ["nope-bkt"], "endpoint_url": s3.endpoint}).run_full_download()
     assert isinstance(caught.value, adl.DownloaderError)
-    code, _out, err = run_cli("--buckets", "nope-bkt", *s3.args())
-    assert code == caught.value.exit_code == adl.EXIT_NOTHING_LISTED
+    code, out, err = run_cli("--buckets", "nope-bkt", *s3.args())
+    assert code == caught.value.exit_code == adl.EXIT_NOTHING_LISTED, (out, err)
     assert f"Error: {caught.value}\n" in err
 
     with pytest.raises(adl.ConfigError, match="'parallel_downloads'") as caught_config:
@@ -171,5 +171,5 @@ def test_download_dir_that_is_a_file_is_a_config_error(s3: S3Server, tmp_path: P
     with pytest.raises(adl.ConfigError, match="taken"):
         adl.AWSDataDownloader({"download_dir": "taken", "endpoint_url": s3.endpoint}).run_full_download()
     code, out, err = run_cli("--download-dir", "taken", *s3.args())
-    assert code == adl.EXIT_USAGE and out == ""
+    assert code == adl.EXIT_USAGE and out == "", (out, err)
     assert "\nError: download directory " in err and "Traceback" not in err

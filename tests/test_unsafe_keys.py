@@ -123,7 +123,7 @@ def test_hostile_keys_round_trip(s3: S3Server, tmp_path: Path, run_cli) -> None:
         "4",
         *s3.args(),
     )
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
 
     # Nothing appeared or changed outside the download directory, nor through the symlinks.
     after = files_under(tmp_path) - files_under(download_dir)
@@ -183,7 +183,7 @@ def test_hostile_keys_round_trip(s3: S3Server, tmp_path: Path, run_cli) -> None:
 
     # A re-run changes nothing and still writes nowhere else.
     code, out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--json", *s3.args())
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     summary = json.loads(out)
     assert summary["failed"] == len(expected_failed)
     assert summary["skipped"] == len(SAFE) + 1
@@ -210,7 +210,7 @@ def test_symlinked_bucket_directory_and_temp_file_are_not_followed(s3: S3Server,
     code, out, err = run_cli(
         "--buckets", "linked-bucket", "plain-bucket", "--download-dir", str(download_dir), "--json", *s3.args()
     )
-    assert code == adl.EXIT_FAILED, err
+    assert code == adl.EXIT_FAILED, (out, err)
     summary = json.loads(out)
     assert summary["downloaded"] == 1 and summary["failed"] == 1
     assert summary["failures"] == [

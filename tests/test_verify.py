@@ -123,11 +123,11 @@ def test_s3_additional_checksums_are_preferred(
         "SHA1": base64.b64encode(hashlib.sha1(body).digest()).decode(),
     }[algorithm]
 
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets", BUCKET, "--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url, "--quiet"
     )
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert (tmp_path / "data" / BUCKET / "summed.bin").read_bytes() == body
     assert completed(tmp_path)["summed.bin"]["checksum"] == f"{algorithm.lower()}:{expected}"
     [request] = proxy.requests("GET", key="summed.bin")
@@ -150,7 +150,7 @@ def test_a_byte_flipped_once_is_caught_and_fetched_again(
         "--buckets", BUCKET, "--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url, "--json"
     )
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     assert json.loads(out)["downloaded"] == 2
     assert (tmp_path / "data" / BUCKET / "small.bin").read_bytes() == small
     assert (tmp_path / "data" / BUCKET / "large.bin").read_bytes() == large
@@ -175,15 +175,16 @@ def test_persistent_corruption_fails_and_keeps_the_previous_good_file(
     config.write_text(json.dumps(FAST))
     argv = ["--buckets", BUCKET, "--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url]
     argv += ["--config", str(config), "--json"]
-    assert run_cli(*argv)[0] == adl.EXIT_OK
+    code, out, err = run_cli(*argv)
+    assert code == adl.EXIT_OK, (out, err)
     good = tmp_path / "data" / BUCKET / "corrupt.bin"
     good_stat = good.stat()
     proxy.flip(key="corrupt.bin")  # every attempt
 
-    code, out, _err = run_cli(*argv, "--overwrite")
+    code, out, err = run_cli(*argv, "--overwrite")
 
+    assert code == adl.EXIT_FAILED, (out, err)
     summary = json.loads(out)
-    assert code == adl.EXIT_FAILED
     assert (summary["downloaded"], summary["failed"]) == (1, 1)
     assert summary["failures"] == [{"bucket": BUCKET, "key": "corrupt.bin", "reason": "checksum mismatch"}]
     assert proxy.count("GET", key="corrupt.bin") == 1 + 3  # the good first run, then 1 attempt + 2 retries
@@ -201,7 +202,7 @@ def test_no_verify_downloads_without_checksums(s3: S3Server, proxy: FaultProxy, 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**FAST, "multipart_chunksize_mb": 1}))
 
-    code, _out, err = run_cli(
+    code, out, err = run_cli(
         "--buckets",
         BUCKET,
         "--download-dir",
@@ -216,7 +217,7 @@ def test_no_verify_downloads_without_checksums(s3: S3Server, proxy: FaultProxy, 
         "--quiet",
     )
 
-    assert code == adl.EXIT_OK, err
+    assert code == adl.EXIT_OK, (out, err)
     entries = completed(tmp_path)
     for key, body in files.items():
         assert (tmp_path / "data" / BUCKET / key).read_bytes() == body
