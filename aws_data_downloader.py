@@ -4167,8 +4167,8 @@ class ProgressSlots:
     read would cost one each). The kernel keeps the mapped pages when the process dies, so the next run reads
     them back and continues each part from its last write. A slot holds the part's identity (part_ident), the
     bytes done, the running CRC for CRC-verified parts, and a CRC32 of those, so a slot torn by the kill is
-    ignored. A power loss can lose the pages or keep them ahead of the data: then the object's checksum fails,
-    and it is fetched again whole.
+    ignored. A power loss can lose the pages or keep them ahead of the data: a run of another boot checks kept
+    CRCs against the disk (Transfer._check_on_disk), and a kept MD5 prefix fails the object's checksum.
     """
 
     SLOT = 48
@@ -4234,7 +4234,7 @@ class ProgressSlots:
         is done); the slots of parts fetched in this run are released as each part ends."""
         if not self._kept:
             return
-        for kind in ("md5", "crc64nvme", "crc32c", "crc32", "", "stream"):
+        for kind in ("md5", *COMBINABLE, "", "stream"):  # every PartHash kind, and the stream's
             for index in range(len(layout)):
                 ident = part_ident(obj, layout, index, kind)
                 if ident in self._kept or ident in self._slots:
@@ -4374,9 +4374,7 @@ class DownloadSummary:
         return EXIT_NOTHING_LISTED if self.nothing_under or self.bucket_problems else EXIT_OK
 
     def filtered_text(self) -> str:
-        """'17 (size > max 12, extension 5)': the objects left out, most common rule first."""
-        rules = ", ".join(f"{rule} {count:,}" for rule, count in sorted(self.filtered.items(), key=lambda kv: -kv[1]))
-        return f"{sum(self.filtered.values()):,} ({rules})" if rules else "0"
+        return filtered_text(self.filtered)
 
     def failures_by_reason(self) -> dict[str, list[FailedObject]]:
         grouped: dict[str, list[FailedObject]] = {}
@@ -4486,6 +4484,12 @@ class DownloadSummary:
         if self.stopped_reason:
             lines.append(f"Stopped: {self.stopped_reason}")
         return "\n".join(lines)
+
+
+def filtered_text(filtered: Mapping[str, int]) -> str:
+    """'17 (size > max 12, extension 5)': the objects the filters left out, most common rule first."""
+    rules = ", ".join(f"{rule} {count:,}" for rule, count in sorted(filtered.items(), key=lambda kv: -kv[1]))
+    return f"{sum(filtered.values()):,} ({rules})" if rules else "0"
 
 
 def in_notebook() -> bool:
@@ -4690,8 +4694,8 @@ class Progress:
             else:
                 bar.refresh()
 
-    def set_total(self, total: int) -> None:
-        """The listing is complete: ``total`` objects (the tally's count)."""
+    def listing_complete(self) -> None:
+        """The listing is complete: the tally's totals are final."""
         self._listed = True
 
     def close(self) -> None:
@@ -5155,7 +5159,7 @@ class _Run:
             )
 
     def listing_complete(self) -> None:
-        self.progress.set_total(self.tally.total)
+        self.progress.listing_complete()
         if not self.stop.is_set():  # found, not "to download": the summary says how many were skipped
             count, size = self.tally.total, format_size(self.tally.total_bytes)
             log.info("Found %s object%s (%s); listing complete", f"{count:,}", "" if count == 1 else "s", size)
@@ -5163,8 +5167,7 @@ class _Run:
             log.warning("No objects under %s: check the bucket and prefix", place)
         filtered = self.tally.filtered
         if filtered and not self.tally.total:
-            text = DownloadSummary(0, 0, 0, 0, 0, 0, 0.0, filtered=filtered).filtered_text()
-            log.warning("The filters left out every object listed: %s", text)
+            log.warning("The filters left out every object listed: %s", filtered_text(filtered))
 
     def nothing_under(self) -> list[str]:
         """The places given that listed no object: each named bucket/prefix, or a prefix no bucket has."""
@@ -5722,9 +5725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not args.verbose:
         level = max(level, logging.WARNING)
     downloader = AWSDataDownloader(config)
-    default = "aws_downloader_config.yaml"  # read above when present and no --config (not for --demo)
-    config_file = args.config or (default if Path(default).is_file() and not args.demo else None)
-    header = run_header(parser.prog, sys.argv[1:] if argv is None else argv, config_file, config)
+    header = run_header(parser.prog, sys.argv[1:] if argv is None else argv, config_path, config)
     try:
         with cli_logging(level, config.log_file or None, downloader.redactor):
             return _run_cli(args, downloader, header)
