@@ -28,8 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import boto3  # noqa: E402
-from botocore.config import Config as BotoConfig  # noqa: E402
 from conftest import MiB, SeaweedFS, weed_binary  # noqa: E402
 from faultproxy import FaultProxy, KiB  # noqa: E402
 from test_checksums import put_full_object_multipart  # noqa: E402
@@ -37,14 +35,7 @@ from test_checksums import put_full_object_multipart  # noqa: E402
 
 def seed(weed: SeaweedFS, kind: str, size: int, part: int) -> tuple[str, dict[str, bytes]]:
     server = weed.server()
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=BotoConfig(s3={"addressing_style": "path"}),
-    )
+    client = server.uploading_client()
     bucket = f"kill-{kind}-{size // MiB}-{part // MiB}"
     client.create_bucket(Bucket=bucket)
     rng = random.Random(7)

@@ -8,19 +8,24 @@ Both hand out an :class:`S3Server` with helpers to create buckets and upload obj
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pty
 import random
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +94,18 @@ class S3Server:
                 ),
             )
         return self._client
+
+    def uploading_client(self):
+        """A new client that uploads with checksums as boto3 >= 1.36 does by default (``client`` sends none, so
+        its objects are legacy ones); the caller closes it."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=BotoConfig(s3={"addressing_style": "path"}),
+        )
 
     def make_bucket(self, bucket: str) -> str:
         self.client.create_bucket(Bucket=bucket)
@@ -178,6 +195,43 @@ def cli_json(
     )  # fmt: skip
     assert out.strip(), err
     return code, json.loads(out)
+
+
+def run_on_terminal(
+    argv: list[str], cwd: Path, env: dict[str, str], watch: Callable[[str], None] = lambda screen: None
+) -> tuple[str, str, int]:
+    """Run the CLI with stderr on a pseudo-terminal (isatty() is true, 100 columns); (screen, stdout, exit code).
+
+    ``watch`` sees the screen so far after every read."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0x0
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "aws_data_downloader.py"), *argv],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    screen = b""
+    deadline = time.monotonic() + 120  # a hang guard only
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            watch(screen.decode(errors="replace"))
+        elif process.poll() is not None:
+            break
+    os.close(primary)
+    out = process.communicate(timeout=120)[0].decode()
+    return screen.decode(errors="replace"), out, process.returncode
 
 
 def retry_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:

@@ -13,9 +13,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config as BotoConfig
 from conftest import MiB, S3Server
 from faultproxy import FaultProxy
 
@@ -40,14 +38,7 @@ def crc32(body: bytes) -> str:
 def store(seaweed: S3Server, request: pytest.FixtureRequest) -> Iterator[tuple[S3Server, str, object]]:
     """SeaweedFS, a fresh bucket, and a client that uploads with checksums as boto3 >= 1.36 does by default."""
     bucket = f"crc-{request.node.name.split('[')[0][-30:].replace('_', '-').strip('-')}-{random.randrange(10**6)}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=seaweed.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-        config=BotoConfig(s3={"addressing_style": "path"}),
-    )
+    client = seaweed.uploading_client()
     client.create_bucket(Bucket=bucket)
     yield seaweed, bucket, client
     client.close()

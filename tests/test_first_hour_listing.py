@@ -67,26 +67,22 @@ def test_an_empty_bucket_named_alone_exits_6(s3: S3Server, run_cli, tmp_path: Pa
     assert summary["total_files"] == 0
 
 
-def test_a_prefix_no_discovered_bucket_has_is_named(s3: S3Server, run_cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("prefix", "code", "nothing_under"),
+    [("coryel/", 6, ["s3://*/coryel/ (in any of 2 buckets)"]), ("coryell/", 0, [])],
+    ids=["in-no-bucket", "in-one-bucket"],
+)
+def test_without_buckets_a_prefix_is_empty_only_if_no_bucket_has_it(
+    s3: S3Server, run_cli, tmp_path: Path, prefix: str, code: int, nothing_under: list[str]
+) -> None:
     seed_roads(s3, "road-data")
     s3.make_bucket("second-bucket")
-    code, out, err = run_cli(
-        "--prefixes", "coryel/", "--download-dir", str(tmp_path / "data"), "--endpoint-url", s3.endpoint,
+    exit_code, out, err = run_cli(
+        "--prefixes", prefix, "--download-dir", str(tmp_path / "data"), "--endpoint-url", s3.endpoint,
         "--config", write_config(tmp_path, SETTINGS), "--json",
     )  # fmt: skip
-    assert code == 6, (out, err)
-    assert json.loads(out)["nothing_under"] == ["s3://*/coryel/ (in any of 2 buckets)"]
-
-
-def test_a_prefix_found_in_one_discovered_bucket_is_no_problem(s3: S3Server, run_cli, tmp_path: Path) -> None:
-    seed_roads(s3, "road-data")
-    s3.make_bucket("second-bucket")
-    code, out, err = run_cli(
-        "--prefixes", "coryell/", "--download-dir", str(tmp_path / "data"), "--endpoint-url", s3.endpoint,
-        "--config", write_config(tmp_path, SETTINGS), "--json",
-    )  # fmt: skip
-    assert code == 0, (out, err)
-    assert json.loads(out)["nothing_under"] == []
+    assert exit_code == code, (out, err)
+    assert json.loads(out)["nothing_under"] == nothing_under
 
 
 def test_objects_the_filters_leave_out_are_counted_by_rule(s3: S3Server, run_cli, tmp_path: Path) -> None:

@@ -7,22 +7,15 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
-import termios
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, MiB, S3Server, write_config
+from conftest import REPO, MiB, S3Server, run_on_terminal, write_config
 from faultproxy import FaultProxy, KiB
 
 #: The README's bar line: bytes for the percentage, bar and elapsed<remaining; files for the counter and rate.
@@ -92,43 +85,6 @@ def run_cell(tmp_path: Path, env: dict[str, str], settings: dict[str, object], *
     stderr = result.stderr.decode()  # not text=True: universal newlines would turn the bar's "\r" into "\n"
     assert result.returncode == 0, (result.stdout, stderr)
     return json.loads(result.stdout.decode().strip().splitlines()[-1]), stderr
-
-
-def run_on_terminal(
-    argv: list[str], cwd: Path, env: dict[str, str], watch: Callable[[str], None] = lambda screen: None
-) -> tuple[str, str, int]:
-    """Run the CLI with stderr on a pseudo-terminal (isatty() is true, 100 columns); (screen, stdout, exit code).
-
-    ``watch`` sees the screen so far after every read."""
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0x0
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "aws_data_downloader.py"), *argv],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=secondary,
-    )
-    os.close(secondary)
-    screen = b""
-    deadline = time.monotonic() + 120  # a hang guard only
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            screen += chunk
-            watch(screen.decode(errors="replace"))
-        elif process.poll() is not None:
-            break
-    os.close(primary)
-    out = process.communicate(timeout=120)[0].decode()
-    return screen.decode(errors="replace"), out, process.returncode
 
 
 def frames(text: str) -> list[str]:

@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config as BotoConfig
 from conftest import REPO, MiB, S3Server, write_config
 from faultproxy import FaultProxy, KiB
 from test_checksums import put_full_object_multipart
@@ -51,14 +49,7 @@ def seed(seaweed: S3Server, kind: str, bucket: str) -> dict[str, bytes]:
     stores them today (CRC64NVME: single-part, and multipart FULL_OBJECT)."""
     rng = random.Random(hash(kind) & 0xFFFF)
     files = {f"{kind}/{n}.bin": rng.randbytes(SIZE) for n in range(2)}
-    client = boto3.client(
-        "s3",
-        endpoint_url=seaweed.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-        config=BotoConfig(s3={"addressing_style": "path"}),
-    )
+    client = seaweed.uploading_client()
     client.create_bucket(Bucket=bucket)
     for number, (key, body) in enumerate(files.items()):
         if kind == "md5-multipart":

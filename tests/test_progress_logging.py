@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-import pty
-import select
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, S3Server
+from conftest import REPO, S3Server, run_on_terminal
 
 import aws_data_downloader as adl
 
@@ -165,35 +159,8 @@ def test_json_keeps_info_lines_off_the_console(s3: S3Server, run_cli) -> None:
 
 def test_a_terminal_gets_a_progress_bar(s3: S3Server, tmp_path: Path) -> None:
     seed(s3, "tty-bkt", 5)
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0x0
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "aws_data_downloader.py"), "--buckets", "tty-bkt", "--download-dir", "data"],
-        cwd=tmp_path,
-        env=s3.env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=secondary,
-    )
-    os.close(secondary)
-    screen = b""
-    deadline = time.monotonic() + 120  # a hang guard; communicate() below then fails with a timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            screen += chunk
-        elif process.poll() is not None:
-            break
-    os.close(primary)
-    out = process.communicate(timeout=120)[0].decode()
-    assert process.returncode == 0, (out, screen.decode(errors="replace"))
-    text = screen.decode(errors="replace")
+    text, out, code = run_on_terminal(["--buckets", "tty-bkt", "--download-dir", "data"], tmp_path, s3.env())
+    assert code == 0, (out, text)
     assert "Downloading" in text
     assert "\r" in text.replace("\r\n", "")  # the bar redraws its line (the tty turns "\n" into "\r\n")
     final_frame = text.replace("\r\n", "\n").split("\r")[-1]
