@@ -357,6 +357,8 @@ OPTIONS: tuple[Option, ...] = (
         "Download each key as it stood at this moment, from a versioned bucket's versions; null: as it is now.",
         "--as-of",
         nullable=True,
+        flag_help="Download each key as it stood at this moment (ISO 8601 with a zone: 2026-11-01T00:00:00Z), "
+        "from a versioned bucket's versions.",
     ),
     Option(
         "check_disk_space",
@@ -5298,6 +5300,8 @@ class _Run:
             if self.as_of is not None:
                 for bucket in self.buckets:
                     require_versioning(self.engine, bucket, self.first_contact)
+                later = " (in the future: the latest versions)" if self.as_of > time.time() else ""
+                log.info("Selecting each key as it stood at %s%s", self.config.as_of, later)
         log.info("Discovered %d accessible bucket%s", len(self.buckets), "" if len(self.buckets) == 1 else "s")
 
     def open_outputs(self) -> None:

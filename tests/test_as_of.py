@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import os
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -252,6 +253,34 @@ def test_after_a_plain_run_as_of_fetches_the_older_version(s3, tmp_path: Path, d
     assert (tmp_path / "out" / BUCKET / "keep.txt").read_bytes() == b"keep-1"
     assert (tmp_path / "out" / BUCKET / "exact.txt").read_bytes() == b"exact-1"
     assert summary.downloaded == 4
+
+
+def query_of(request) -> dict[str, list[str]]:
+    return urllib.parse.parse_qs(request.query, keep_blank_values=True)
+
+
+def test_every_get_names_its_version_and_a_failed_page_is_retried(proxy, tmp_path: Path, dataset) -> None:
+    """Through the fault proxy: the version listing's first page answers 503 twice, then the real page."""
+    proxy.error(status=503, times=2, where=lambda request: "versions" in query_of(request))
+    summary = AWSDataDownloader(
+        {"buckets": [BUCKET], "download_dir": str(tmp_path / "out"), "endpoint_url": proxy.url, "retry_backoff_s": 0},
+        as_of=AS_OF,
+    ).run_full_download()
+    assert files_under(tmp_path / "out" / BUCKET) == AS_OF_FILES and summary.exit_code == 0
+    listings = [r for r in proxy.requests("GET", key=BUCKET) if "versions" in query_of(r)]
+    assert [r.status for r in listings] == [503, 503, 200]
+    for key, index in AS_OF_VERSIONS.items():
+        (get,) = proxy.requests("GET", key=f"/{BUCKET}/{key}")
+        assert query_of(get)["versionId"] == [dataset[key][index]]
+
+
+def test_versioning_status_denied_lists_the_versions_anyway(proxy, tmp_path: Path, dataset, caplog) -> None:
+    proxy.error(status=403, where=lambda request: "versioning" in query_of(request))
+    AWSDataDownloader(
+        {"buckets": [BUCKET], "download_dir": str(tmp_path / "out"), "endpoint_url": proxy.url}, as_of=AS_OF
+    ).run_full_download()
+    assert files_under(tmp_path / "out" / BUCKET) == AS_OF_FILES
+    assert f"Cannot read whether bucket '{BUCKET}' is versioned (access denied); listing its versions" in caplog.text
 
 
 # -- buckets without versioning, suspended versioning -------------------------------------------------------
