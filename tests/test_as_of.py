@@ -274,6 +274,29 @@ def test_every_get_names_its_version_and_a_failed_page_is_retried(proxy, tmp_pat
         assert query_of(get)["versionId"] == [dataset[key][index]]
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_large_object_is_fetched_in_parts_of_its_old_version(proxy, s3, tmp_path: Path, verify: bool) -> None:
+    """Ranged GETs (and the HEAD before them) of a large object all name the chosen version."""
+    import random
+
+    versioned(s3)
+    rng = random.Random(14)
+    old, new = rng.randbytes(3 * 1024 * 1024 + 5), rng.randbytes(3 * 1024 * 1024 + 5)
+    ids = history(s3, "big.bin", [("01:00", old), ("03:00", new)])
+    summary = AWSDataDownloader(
+        {"buckets": [BUCKET], "download_dir": str(tmp_path / "out"), "endpoint_url": proxy.url},
+        as_of=AS_OF,
+        multipart_threshold_mb=1,
+        multipart_chunksize_mb=1,
+        verify_checksums=verify,
+    ).run_full_download()
+    assert (tmp_path / "out" / BUCKET / "big.bin").read_bytes() == old and summary.downloaded == 1
+    requests = proxy.requests(key="/big.bin")
+    assert requests and all(query_of(r)["versionId"] == [ids[0]] for r in requests)
+    if not verify:
+        assert len([r for r in requests if r.range]) == 4  # 1 MiB ranges
+
+
 def test_versioning_status_denied_lists_the_versions_anyway(proxy, tmp_path: Path, dataset, caplog) -> None:
     proxy.error(status=403, where=lambda request: "versioning" in query_of(request))
     AWSDataDownloader(
