@@ -323,22 +323,30 @@ def test_a_bucket_without_versioning_is_a_usage_error(s3, run_cli, tmp_path: Pat
     assert not (tmp_path / "data" / "plain").exists()
 
 
-def test_a_suspended_bucket_serves_its_null_version(s3, tmp_path: Path) -> None:
-    """Written before versioning (version id "null"), replaced while versioned, then versioning suspended."""
+@pytest.mark.parametrize("page_size", ["1000", "1"])
+def test_a_suspended_bucket_serves_its_null_version(
+    s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page_size: str
+) -> None:
+    """Written before versioning (version id "null"), replaced while versioned, then versioning suspended; with
+    one entry a page, the "null" version is also a page's version-id-marker."""
+    monkeypatch.setenv("MOTO_S3_DEFAULT_MAX_KEYS", page_size)
     s3.make_bucket("paused")
     s3.client.put_object(Bucket="paused", Key="k.txt", Body=b"before")
     s3.client.put_bucket_versioning(Bucket="paused", VersioningConfiguration={"Status": "Enabled"})
     s3.client.put_object(Bucket="paused", Key="k.txt", Body=b"during")
     s3.client.put_bucket_versioning(Bucket="paused", VersioningConfiguration={"Status": "Suspended"})
+    s3.client.put_object(Bucket="paused", Key="z.txt", Body=b"suspended")  # a "null" version too
     backdate("paused", "k.txt", [at("01:00"), at("03:00")])
+    backdate("paused", "z.txt", [at("01:30")])
     manifest = tmp_path / "m.jsonl"
     AWSDataDownloader(
         {"buckets": ["paused"], "download_dir": str(tmp_path / "out"), "endpoint_url": s3.endpoint},
         as_of=AS_OF,
         manifest=str(manifest),
     ).run_full_download()
-    assert (tmp_path / "out" / "paused" / "k.txt").read_bytes() == b"before"
-    assert json.loads(manifest.read_text())["version_id"] == "null"
+    assert files_under(tmp_path / "out" / "paused") == {"k.txt": b"before", "z.txt": b"suspended"}
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert sorted((r["key"], r["version_id"]) for r in records) == [("k.txt", "null"), ("z.txt", "null")]
 
 
 # -- the moment itself --------------------------------------------------------------------------------------
