@@ -200,7 +200,7 @@ class Option:
     """One setting: config key, kind of value, default, and the flag that overrides it (None: file-only)."""
 
     key: str
-    kind: str  # "str", "int", "float", "bool", "list", or "choice"
+    kind: str  # "str", "int", "float", "bool", "list", "choice", or "timestamp"
     default: Any
     help: str
     flag: str | None = None
@@ -351,6 +351,16 @@ OPTIONS: tuple[Option, ...] = (
         nullable=True,
     ),
     Option(
+        "as_of",
+        "timestamp",
+        None,
+        "Download each key as it stood at this moment, from a versioned bucket's versions; null: as it is now.",
+        "--as-of",
+        nullable=True,
+        flag_help="Download each key as it stood at this moment (ISO 8601 with a zone: 2026-11-01T00:00:00Z), "
+        "from a versioned bucket's versions.",
+    ),
+    Option(
         "check_disk_space",
         "bool",
         True,
@@ -421,6 +431,7 @@ class Config:
     log_file: str = "aws_downloader.log"
     manifest: str | None = None
     shard: str | None = None
+    as_of: str | None = None  #: ISO 8601 with its zone, as check_value normalised it
     check_disk_space: bool = True
     progress_interval_s: float = 10.0
     engine: str = "auto"
@@ -455,6 +466,9 @@ def _describe(option: Option) -> str:
         return "a list of strings"
     if option.kind == "choice":
         return "one of " + ", ".join(repr(c) for c in option.choices) + (" or null" if option.nullable else "")
+    if option.kind == "timestamp":
+        example = "like 2026-11-01T00:00:00Z or 2026-11-01T02:00:00+02:00"
+        return f"an ISO 8601 timestamp with a zone, {example}" + (", or null" if option.nullable else "")
     return "a string" + (" or null" if option.nullable else "")
 
 
@@ -495,9 +509,34 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         if value not in option.choices:
             raise bad
         return value
-    if not isinstance(value, str):
+    if option.kind == "timestamp":  # YAML may have made it a datetime already
+        return parse_timestamp_option(value, bad, name or f"config key {option.key!r}")
+    return value if isinstance(value, str) else _raise(bad)
+
+
+def _raise(error: Exception) -> Any:
+    """Raise as an expression: keeps check_value one flat chain of kinds."""
+    raise error
+
+
+def parse_timestamp_option(value: Any, bad: ConfigError, name: str) -> str:
+    """An ISO 8601 moment with its zone, normalised ('2026-11-01T00:00:00+00:00'), or ``bad``.
+
+    YAML turns an unquoted timestamp into a datetime (aware when it has a zone), so one is accepted as given.
+    A moment without a zone is refused: it would mean a different instant on every machine's clock.
+    """
+    given = value
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, datetime.datetime):  # a YAML date (2026-11-01) has no time of day
         raise bad
-    return value
+    if value.tzinfo is None or value.utcoffset() is None:
+        given = given if isinstance(given, str) else given.isoformat()
+        raise ConfigError(f"{name} needs a zone: {given!r} has none (add Z for UTC, or an offset like +02:00)")
+    return value.isoformat()
 
 
 def endpoint_url_problem(url: str) -> str | None:
@@ -1145,6 +1184,16 @@ class Engine(Protocol):
         """One ListObjectsV2 page: its objects (folder markers left out) and the next continuation token."""
         ...
 
+    def list_versions_page(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
+    ) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
+        """One ListObjectVersions page (versions and delete markers) and the next (key, version id) marker."""
+        ...
+
+    def bucket_versioning(self, bucket: str) -> str | None:
+        """GetBucketVersioning's Status: "Enabled", "Suspended", or None for a bucket never versioned."""
+        ...
+
     def set_bucket_region(self, bucket: str, region: str | None) -> None: ...
 
     def small_loop(
@@ -1676,6 +1725,21 @@ class HttpEngine:
         if max_keys is not None:
             query.append(("max-keys", str(max_keys)))
         return parse_list_objects_v2(bucket, self._bucket_request(bucket, query))
+
+    def list_versions_page(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
+    ) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
+        query = [("versions", ""), ("encoding-type", "url")]
+        if prefix:
+            query.append(("prefix", prefix))
+        if marker is not None:
+            query += [("key-marker", marker[0]), ("version-id-marker", marker[1])]
+        if max_keys is not None:
+            query.append(("max-keys", str(max_keys)))
+        return parse_list_object_versions(bucket, self._bucket_request(bucket, query))
+
+    def bucket_versioning(self, bucket: str) -> str | None:
+        return parse_bucket_versioning(self._bucket_request(bucket, [("versioning", "")]))
 
     def small_loop(
         self,
@@ -2318,6 +2382,36 @@ class Boto3Engine:
         ]
         return objects, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
+    def list_versions_page(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
+    ) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **self._extra}
+        if marker is not None:
+            params["KeyMarker"], params["VersionIdMarker"] = marker
+        if max_keys is not None:
+            params["MaxKeys"] = max_keys
+        page = self._call(self.client.list_object_versions, **params)
+        entries = [
+            ObjectVersion(
+                dataclasses.replace(object_from_listing(bucket, entry), version_id=entry.get("VersionId") or "null"),
+                deleted=False,
+                latest=bool(entry.get("IsLatest")),
+            )
+            for entry in page.get("Versions", [])
+        ]
+        for entry in page.get("DeleteMarkers", []):
+            modified = entry.get("LastModified")
+            stamp = modified.timestamp() if modified is not None else 0.0
+            obj = S3Object(bucket, entry["Key"], 0, "", stamp, version_id=entry.get("VersionId") or "null")
+            entries.append(ObjectVersion(obj, deleted=True, latest=bool(entry.get("IsLatest"))))
+        # botocore returns versions and delete markers as two lists: bring each key's entries together again
+        entries.sort(key=lambda entry: entry.obj.key)
+        truncated = page.get("IsTruncated")
+        return entries, (page.get("NextKeyMarker", ""), page.get("NextVersionIdMarker", "")) if truncated else None
+
+    def bucket_versioning(self, bucket: str) -> str | None:
+        return self._call(self.client.get_bucket_versioning, Bucket=bucket, **self._extra).get("Status")
+
     def set_bucket_region(self, bucket: str, region: str | None) -> None:
         pass  # botocore follows region redirects itself
 
@@ -2384,6 +2478,56 @@ def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str
         )
     truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
     return objects, (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
+
+
+def parse_list_object_versions(bucket: str, body: bytes) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
+    """One ListObjectVersions page -> (versions and delete markers, next (key, version id) marker or None).
+
+    S3 interleaves Version and DeleteMarker elements newest first within each key; some servers (moto) send
+    all versions, then all delete markers. The entries are sorted by key (stably, so S3's own order within a
+    key survives), which brings each key's entries together either way. Folder markers are kept here:
+    whether a key existed at a moment is decided before what it is (versions_as_of).
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    decode = root.findtext(f"{ns}EncodingType") == "url"
+    entries = []
+    for entry in root:
+        deleted = entry.tag == f"{ns}DeleteMarker"
+        if not deleted and entry.tag != f"{ns}Version":
+            continue
+        key = entry.findtext(f"{ns}Key") or ""
+        if decode:
+            key = urllib.parse.unquote_plus(key)
+        modified = entry.findtext(f"{ns}LastModified")
+        obj = S3Object(
+            bucket=bucket,
+            key=key,
+            size=int(entry.findtext(f"{ns}Size") or 0),
+            etag=(entry.findtext(f"{ns}ETag") or "").strip('"'),
+            last_modified=parse_s3_timestamp(modified) if modified else 0.0,
+            storage_class=entry.findtext(f"{ns}StorageClass") or "STANDARD",
+            version_id=entry.findtext(f"{ns}VersionId") or "null",
+        )
+        entries.append(ObjectVersion(obj, deleted, (entry.findtext(f"{ns}IsLatest") or "").lower() == "true"))
+    entries.sort(key=lambda entry: entry.obj.key)
+    if (root.findtext(f"{ns}IsTruncated") or "").lower() != "true":
+        return entries, None
+    key_marker = root.findtext(f"{ns}NextKeyMarker") or ""
+    if decode:
+        key_marker = urllib.parse.unquote_plus(key_marker)
+    return entries, (key_marker, root.findtext(f"{ns}NextVersionIdMarker") or "")
+
+
+def parse_bucket_versioning(body: bytes) -> str | None:
+    """The Status of a GetBucketVersioning answer; None when absent (versioning was never enabled)."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    return root.findtext(f"{ns}Status") or None
 
 
 ###############################################################################
@@ -2741,6 +2885,109 @@ def list_pages(
             return
 
 
+# -- the dataset as it was (--as-of) ------------------------------------------------------------------------
+# A versioned bucket keeps every version and every delete: ListObjectVersions lists them, keys in order and each
+# key's entries newest first, and the key as it stood at a moment is its newest entry from before it.
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """One entry of a version listing: a version of a key, or a delete marker."""
+
+    obj: S3Object  #: with its version id ("null" for one written while versioning was off); a delete marker's
+    #: size is 0 and its ETag empty
+    deleted: bool  #: a delete marker: the key did not exist from this entry's LastModified on
+    latest: bool = False  #: IsLatest: the key's newest entry (decides a tie of dates, see versions_as_of)
+
+
+#: The filtered-count labels of keys --as-of leaves out because they did not exist at that moment.
+CREATED_AFTER = "created after --as-of"
+DELETED_AT = "deleted at --as-of"
+
+
+def versions_as_of(
+    pages: Iterable[list[ObjectVersion]], moment: float, absent: Counter[str]
+) -> Iterator[list[S3Object]]:
+    """Each key as it stood at ``moment`` (seconds since the epoch), one page of objects per page listed.
+
+    A key's state is its newest entry with LastModified <= moment, inclusive. Dates can tie (S3's have
+    milliseconds, SeaweedFS's and moto's whole seconds): then the key's latest entry (IsLatest) wins, else the
+    one listed first, as S3 lists a key's entries newest first. A key whose state is a delete marker, or
+    that has no entry that old, did not exist then: it is counted in ``absent`` and left out. The entries of one
+    key may span pages, so the key being read is carried to the next page; nothing else is held.
+    """
+    key: str | None = None
+    chosen: ObjectVersion | None = None
+
+    def settle(objects: list[S3Object]) -> None:
+        if chosen is None:
+            absent[CREATED_AFTER] += 1
+        elif chosen.deleted:
+            absent[DELETED_AT] += 1
+        elif not is_folder_marker(chosen.obj.key, chosen.obj.size):
+            objects.append(chosen.obj)
+
+    for page in pages:
+        objects: list[S3Object] = []
+        for entry in page:
+            if entry.obj.key != key:
+                if key is not None:
+                    settle(objects)
+                key, chosen = entry.obj.key, None
+            when = entry.obj.last_modified
+            if when <= moment and (
+                chosen is None or when > chosen.obj.last_modified or (when == chosen.obj.last_modified and entry.latest)
+            ):
+                chosen = entry
+        if objects:
+            yield objects
+    if key is not None:
+        last: list[S3Object] = []
+        settle(last)
+        if last:
+            yield last
+
+
+def version_pages(
+    engine: Engine, bucket: str, prefix: str, attempts: Callable[[str], Attempts]
+) -> Iterator[list[ObjectVersion]]:
+    """The versions and delete markers under a prefix, a page at a time; each page request gets its own tries."""
+    marker: tuple[str, str] | None = None
+    while True:
+        entries, marker = attempts(f"version listing of {bucket}").call(
+            lambda marker=marker: engine.list_versions_page(bucket, prefix, marker)  # type: ignore[misc]
+        )
+        if entries:
+            yield entries
+        if marker is None:
+            return
+
+
+def parse_as_of(text: str) -> float:
+    """Seconds since the epoch of a config's as_of (check_value has made it ISO 8601 with a zone)."""
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def require_versioning(engine: Engine, bucket: str, attempts: Callable[[str], Attempts]) -> None:
+    """Refuse --as-of on a bucket that was never versioned: it keeps no past, only what is there now.
+
+    A suspended bucket still holds the versions written while versioning was on (and "null" ones since).
+    Without permission to ask (s3:GetBucketVersioning), the versions are listed anyway, with a warning.
+    """
+    try:
+        status = attempts(f"versioning of {bucket}").call(lambda: engine.bucket_versioning(bucket))
+    except S3Error as exc:
+        if not is_denied(exc.status, exc.code):
+            raise DownloaderError(f"reading the versioning of bucket '{bucket}' failed: {exc.code}") from None
+        log.warning("Cannot read whether bucket '%s' is versioned (access denied); listing its versions", bucket)
+        return
+    if status is None:
+        raise ConfigError(
+            f"bucket '{bucket}' is not versioned, so --as-of has no past to read: leave out --as-of, or enable "
+            "versioning on it (only later changes are kept)"
+        )
+
+
 ###############################################################################
 # Filters
 ###############################################################################
@@ -2924,7 +3171,10 @@ def skip_reason(
     """Why the object need not be downloaded again, or None. The one place this is decided.
 
     A journal entry with the same ETag and size proves the local file; without one, a file of the same size
-    that is not older than the object is taken as current (what ``aws s3 sync`` does).
+    that is not older than the object is taken as current (what ``aws s3 sync`` does). An object pinned to a
+    version (--as-of, a manifest) may be older than a newer version's local copy: without a journal entry, only
+    a file dated the version's own LastModified (as this tool and ``aws s3 sync`` date what they fetch; to the
+    second, as HTTP dates are) is taken as that version.
     """
     if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
         return None
@@ -2932,6 +3182,8 @@ def skip_reason(
         if done.etag == obj.etag and done.size == obj.size:
             return "already downloaded"
         return None  # the object changed since we downloaded it
+    if obj.version_id:
+        return "exists locally (same size and date)" if abs(local.st_mtime - obj.last_modified) < 1 else None
     if local.st_mtime + 1e-6 >= obj.last_modified:
         return "exists locally (same size, not older)"
     return None
@@ -4928,7 +5180,8 @@ class _DryRun:
     def submit(self, plans: Sequence[Planned]) -> None:
         for planned in plans:
             obj = planned.obj
-            log.info("Would download %s/%s (%s)", obj.bucket, display_key(obj.key), format_size(obj.size))
+            version = f", version {display_key(obj.version_id)}" if obj.version_id else ""
+            log.info("Would download %s/%s (%s%s)", obj.bucket, display_key(obj.key), format_size(obj.size), version)
             self.run.finished(DownloadResult(obj, "downloaded", path=str(planned.target)))
 
 
@@ -4995,6 +5248,8 @@ class _Run:
         manifest_run = self.manifest_objects is not None
         # A manifest run fetches exactly the manifest's objects: the config's filters and shard do not apply.
         self.filters = Filters() if manifest_run else Filters.from_config(config)
+        #: --as-of as seconds since the epoch (not for a manifest run, whose versions are recorded).
+        self.as_of = parse_as_of(config.as_of) if config.as_of and not manifest_run else None
         session = make_session(config, self.credentials, self.redactor)
         if self.credentials.access_key:
             log.info("Using access key %s", mask_access_key(self.credentials.access_key))
@@ -5043,6 +5298,11 @@ class _Run:
                 raise NothingAccessibleError("no accessible buckets found for these credentials")
             for problem in self.problems:
                 log.warning("%s", problem.reason)
+            if self.as_of is not None:
+                for bucket in self.buckets:
+                    require_versioning(self.engine, bucket, self.first_contact)
+                later = " (in the future: the latest versions)" if self.as_of > time.time() else ""
+                log.info("Selecting each key as it stood at %s%s", self.config.as_of, later)
         log.info("Discovered %d accessible bucket%s", len(self.buckets), "" if len(self.buckets) == 1 else "s")
 
     def open_outputs(self) -> None:
@@ -5074,7 +5334,7 @@ class _Run:
             unlisted = self.unlisted[bucket] = set(self.config.prefixes or [""])
             try:
                 for prefix in collapse_prefixes(self.config.prefixes):
-                    for page in list_pages(self.engine, bucket, prefix, self.attempts):
+                    for page in self.listing(bucket, prefix):
                         if unlisted:
                             unlisted -= {given for given in unlisted if any(o.key.startswith(given) for o in page)}
                         yield page
@@ -5087,6 +5347,13 @@ class _Run:
                 error = unreachable(exc, f"listing bucket '{bucket}' failed after {self.config.retry_attempts} retries")
                 raise error from None
         self.listed_all = True
+
+    def listing(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
+        """The objects under one prefix: as they are now, or with --as-of as they stood then."""
+        if self.as_of is None:
+            return list_pages(self.engine, bucket, prefix, self.attempts)
+        entries = version_pages(self.engine, bucket, prefix, self.attempts)
+        return versions_as_of(entries, self.as_of, self.tally.filtered)
 
     def listing_refused(self, bucket: str, exc: S3Error) -> None:
         problem = credentials_problem(exc)
@@ -5681,7 +5948,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif option.kind == "choice":
             kwargs["choices"] = option.choices
         else:
-            kwargs["metavar"] = {"endpoint_url": "URL", "shard": "I/N"}.get(
+            kwargs["metavar"] = {"endpoint_url": "URL", "shard": "I/N", "as_of": "TIMESTAMP"}.get(
                 option.key, "PATH" if option.key.endswith(("_dir", "_file", "manifest")) else option.key.upper()
             )
         add(option.flag, **kwargs)
