@@ -5908,7 +5908,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         description="Download whole datasets from S3 and S3-compatible stores: parallel, verified, resumable.",
         epilog=(
-            "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed; 2 usage, config or "
+            "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed (or --delete "
+            "could not delete: see the summary); 2 usage, config or "
             "directory error; 3 credentials rejected or nothing accessible; 4 another run holds the lock; "
             "5 not enough disk space; 6 a named bucket does not exist, or a bucket or prefix lists nothing; "
             "130 interrupted."
