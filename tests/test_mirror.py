@@ -323,6 +323,43 @@ def test_no_deletion_when_the_listing_fails(s3: S3Server, tmp_path: Path, run_cl
     assert stale.exists()
 
 
+def test_a_bucket_discovery_could_not_read_does_not_block_the_others(s3: S3Server, tmp_path: Path, run_cli) -> None:
+    """Without --buckets, an unreadable bucket is only warned of; it is not read, so its directory is out of
+    scope, and the readable buckets' listings are complete."""
+    seed(s3, "mir-open", ["a.txt"])
+    seed(s3, "mir-closed", ["b.txt"])
+    stale = local(tmp_path, "mir-open", "stale.txt")
+    theirs = local(tmp_path, "mir-closed", "old.txt")
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.error("/mir-closed", status=403, method=None)  # the HEAD and the listings
+        code, out, err = run_cli("--download-dir", "data", "--endpoint-url", proxy.url, "--delete", "--json")
+    summary = json.loads(out)
+    assert code == 0, err
+    assert summary["buckets"] == ["mir-open"] and summary["deleted"] == 1
+    assert not stale.exists() and theirs.exists()
+
+
+def test_a_file_that_cannot_be_deleted_is_reported_and_fails_the_run(
+    s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(s3, "mir-perm", ["keep.txt"])
+    stuck = local(tmp_path, "mir-perm", "stuck.txt")
+    gone = local(tmp_path, "mir-perm", "gone.txt")
+    unlink = os.unlink
+
+    def refuse_stuck(path, *args, **kwargs) -> None:
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(adl.os, "unlink", refuse_stuck)
+    code, out, err = run_cli("--buckets", "mir-perm", *s3.args(), "--delete")
+    assert code == 1
+    assert "Deleted:          1 (1 could not be deleted)" in out
+    assert f"Could not delete {stuck}: Permission denied" in err
+    assert stuck.exists() and not gone.exists()
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 
 
