@@ -4840,7 +4840,7 @@ class DiskBudget:
 # filter leaves out is neither fetched nor deleted, so a shard's run never touches another shard's files.
 #
 # The listing is remembered as one hash() per key, not the key itself: about 70 bytes a key instead of ~130 for
-# a 40-character key (benchmarks/mirror_memory.py). A collision can only keep a file, never delete one.
+# a 50-character key (benchmarks/mirror_memory.py). A collision can only keep a file, never delete one.
 
 
 def delete_base(root: Path, bucket: str, prefix: str) -> Path | None:
@@ -4900,8 +4900,8 @@ class Mirror:
             return True  # the journal, its .journal/.progress/.corrupt files and compaction's temp file
         return os.path.abspath(path) in self.own_files
 
-    def unlisted(self, bucket: str, prefixes: Sequence[str]) -> Iterator[tuple[Path, str]]:
-        """The files in scope that no listed key maps to, as (path, key); symlinks and other non-files are kept,
+    def unlisted(self, bucket: str, prefixes: Sequence[str]) -> Iterator[Path]:
+        """The files in scope that no listed key maps to; symlinks and other non-files are kept,
         and no symlinked directory is entered."""
         listed = self.listed.get(bucket, set())
         bucket_dir = self.root / bucket
@@ -4922,7 +4922,7 @@ class Mirror:
                     if key.startswith(prefix) and hash(key) not in listed:
                         path = Path(directory, name)
                         if self.deletable(path, bucket, key):
-                            yield path, key
+                            yield path
 
     def deletable(self, path: Path, bucket: str, key: str) -> bool:
         """A file in scope that no listed key maps to: deleted unless it is the tool's own, not a regular file,
@@ -5400,7 +5400,7 @@ class _Run:
             log.warning("Not deleting any local file: %s", reason)
             return
         prefixes = self.config.prefixes
-        doomed = [(bucket, path) for bucket in self.buckets for path, _key in mirror.unlisted(bucket, prefixes)]
+        doomed = [(bucket, path) for bucket in self.buckets for path in mirror.unlisted(bucket, prefixes)]
         limit = self.config.max_delete
         if self.dry_run:
             for _bucket, path in doomed:
