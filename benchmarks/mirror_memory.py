@@ -4,7 +4,8 @@
 A --delete run remembers every listed key until the listing ends (Mirror.listed: one hash() per key). This
 measures that set's memory per key with tracemalloc, against a set of the keys themselves, for road-image-like
 keys (``coryell/Co Rd 4235/img/000_31.708136_-97.693460.png``, ~50 characters), then times Mirror.unlisted over a
-local tree of files that are all listed (the common case: nothing to delete, every file checked).
+local tree of files that are all listed (the common case: nothing to delete, every file checked), and the CPU
+Mirror.add adds to the listing, per key.
 
     python benchmarks/mirror_memory.py                 # 1,000,000 keys, 20,000 local files
     python benchmarks/mirror_memory.py --keys 200000   # smaller
@@ -59,6 +60,15 @@ def main() -> None:
     print(f"{args.keys:,} keys, mean length {sum(map(len, road_keys(1000))) / 1000:.0f} characters")
     print(f"  Mirror.listed (hash per key): {bytes_per_key(hashes, args.keys):6.1f} bytes/key")
     print(f"  set of the key strings:       {bytes_per_key(key_strings, args.keys):6.1f} bytes/key")
+
+    fresh = road_keys(100_000)  # new strings: a listing's keys have no cached hash yet
+    pages = [[adl.S3Object("b", key, 1, "", 0.0) for key in fresh[n : n + 1000]] for n in range(0, 100_000, 1000)]
+    mirror = adl.Mirror(Path("/nonexistent"), adl.Filters(), Path("/nonexistent/r.json"), ())
+    started = time.perf_counter()
+    for page in pages:
+        mirror.add(page)
+    seconds = time.perf_counter() - started
+    print(f"  Mirror.add during the listing: {seconds / 100_000 * 1e9:.0f} ns/key")
 
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
