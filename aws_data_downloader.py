@@ -361,6 +361,24 @@ OPTIONS: tuple[Option, ...] = (
         "from a versioned bucket's versions.",
     ),
     Option(
+        "delete",
+        "bool",
+        False,
+        "Mirror: after a complete listing, delete local files under the selection that the listing no longer "
+        "has (as 'aws s3 sync --delete'); never when a listing or download failed or the run stopped.",
+        "--delete",
+    ),
+    Option(
+        "max_delete",
+        "int",
+        None,
+        "With delete: delete nothing, and exit 1, when more than this many files would go; null means no limit.",
+        "--max-delete",
+        minimum=0,
+        nullable=True,
+        flag_help="With --delete: delete nothing, and exit 1, when more than N files would go (as rclone).",
+    ),
+    Option(
         "check_disk_space",
         "bool",
         True,
@@ -432,6 +450,8 @@ class Config:
     manifest: str | None = None
     shard: str | None = None
     as_of: str | None = None  #: ISO 8601 with its zone, as check_value normalised it
+    delete: bool = False
+    max_delete: int | None = None
     check_disk_space: bool = True
     progress_interval_s: float = 10.0
     engine: str = "auto"
@@ -456,6 +476,8 @@ class Config:
 def _describe(option: Option) -> str:
     """What values a key takes, for error messages."""
     if option.kind == "int":
+        if option.maximum is None:
+            return f"an integer >= {option.minimum:g}" + (" or null" if option.nullable else "")
         return f"an integer from {option.minimum:g} to {option.maximum:g}"
     if option.kind == "float":
         bound = f"a number >= {option.minimum:g}" if option.minimum is not None else "a number"
@@ -4593,6 +4615,11 @@ class DownloadSummary:
     #: Large objects begun and not finished, and their bytes on disk that a re-run continues from.
     partial_files: int = 0
     partial_bytes: int = 0
+    #: Local files --delete removed because the listing no longer has them (a dry run: would remove); None
+    #: without --delete. Those it could not remove, and why it removed none (a failed listing, --max-delete).
+    deleted: int | None = None
+    delete_failed: int = 0
+    delete_refused: str | None = None
 
     @property
     def stopped_early(self) -> bool:
@@ -4616,14 +4643,18 @@ class DownloadSummary:
             and self.stopped_reason is None
             and not self.bucket_problems
             and not self.nothing_under
+            and not self.delete_failed
+            and self.delete_refused is None
         )
 
     @property
     def exit_code(self) -> int:
         """What the CLI exits with for a run that ran to its end (a stopped run raises instead)."""
-        if self.failed or any(not problem.missing for problem in self.bucket_problems):
+        if self.failed or self.delete_failed or any(not problem.missing for problem in self.bucket_problems):
             return EXIT_FAILED
-        return EXIT_NOTHING_LISTED if self.nothing_under or self.bucket_problems else EXIT_OK
+        if self.nothing_under or self.bucket_problems:
+            return EXIT_NOTHING_LISTED
+        return EXIT_FAILED if self.delete_refused is not None else EXIT_OK
 
     def filtered_text(self) -> str:
         return filtered_text(self.filtered)
@@ -4662,9 +4693,13 @@ class DownloadSummary:
             "interrupted_files": self.interrupted_files,
             "partial_files": self.partial_files,
             "partial_bytes": self.partial_bytes,
+            "deleted": self.deleted,
+            "delete_failed": self.delete_failed,
+            "delete_refused": self.delete_refused,
         }
         if self.dry_run:  # nothing was fetched: what would be, under its own keys; no speed, no success rate
-            data = {("would_download" if key == "downloaded" else key): value for key, value in data.items()}
+            renamed = {"downloaded": "would_download", "deleted": "would_delete"}
+            data = {renamed.get(key, key): value for key, value in data.items()}
             data.update(downloaded_bytes=0, average_speed_mb_s=0.0, success_rate=None)
             data["would_download_bytes"] = self.downloaded_bytes
         return data
@@ -4680,6 +4715,9 @@ class DownloadSummary:
         ]
         if self.stopped_early:
             rows.append(("Interrupted:", f"{self.interrupted_files:,}"))
+        if self.deleted is not None:
+            failed = f" ({self.delete_failed:,} could not be deleted)" if self.delete_failed else ""
+            rows.append(("Deleted:", f"{self.deleted:,}{failed}"))
         rows += [
             ("Total size:", format_size(self.total_bytes)),
             ("Downloaded size:", format_size(self.downloaded_bytes)),
@@ -4701,6 +4739,7 @@ class DownloadSummary:
             ("Would download:", f"{self.downloaded:,} ({format_size(self.downloaded_bytes)})"),
             ("Would skip:", f"{self.skipped:,}"),
             ("Would fail:", f"{self.failed:,}"),
+            *([("Would delete:", f"{self.deleted:,}")] if self.deleted is not None else []),
             ("Total size:", format_size(self.total_bytes)),
             ("Duration:", f"{self.duration_s:,.1f} seconds"),
         ]
@@ -4731,6 +4770,8 @@ class DownloadSummary:
             lines.append(f"Bucket not downloaded: {problem.reason}")
         for place in self.nothing_under:
             lines.append(f"No objects under {place}")
+        if self.delete_refused is not None:
+            lines.append(f"Not deleted: {self.delete_refused}")
         if self.interrupted:
             lines.append("Interrupted: run the same command again to continue.")
         if self.stopped_reason:
@@ -5042,6 +5083,140 @@ class DiskBudget:
 
 
 ###############################################################################
+# Mirror deletions (--delete)
+###############################################################################
+# After a complete listing, the local files under the selection that the listing no longer has are removed, as
+# `aws s3 sync --delete` and `rclone sync` do. The selection's local roots are <download_dir>/<bucket>/ cut to
+# each prefix: a file is in scope when its key (its path below the bucket's directory, the inverse of
+# local_path_for) starts with a selected prefix and the filters would keep it. Like rclone and aws-cli, a file a
+# filter leaves out is neither fetched nor deleted, so a shard's run never touches another shard's files.
+#
+# The listing is remembered as one hash() per key, not the key itself: about 70 bytes a key instead of ~130 for
+# a 50-character key (benchmarks/mirror_memory.py). A collision can only keep a file, never delete one.
+
+
+def delete_base(root: Path, bucket: str, prefix: str) -> Path | None:
+    """The directory that holds every local file of ``prefix`` (its part up to the last '/'), or None when no
+    key with that prefix can be stored (local_path_for refuses it)."""
+    directory = prefix.rpartition("/")[0]
+    if not directory:
+        return root / bucket
+    try:
+        return local_path_for(root, bucket, directory)
+    except UnsafeKeyError:
+        return None
+
+
+def through_symlink(root: Path, path: Path) -> bool:
+    """True when a directory from ``root`` (excluded: the user chose it) down to ``path`` is a symlink or no
+    directory: a scope reached that way is another tree, and none of its files are ours to delete."""
+    current = root
+    for name in path.relative_to(root).parts:
+        current = current / name
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return False  # nothing there to delete
+        if not stat.S_ISDIR(info.st_mode):
+            return True
+    return False
+
+
+class Mirror:
+    """The keys a --delete run listed, and the local files in scope that they no longer account for.
+
+    ``own_files`` are the tool's own files wherever they live (journal, lock, log, manifest, config); the
+    temporary files of downloads (``.adl-*``) and the resume journal's siblings are recognised by name.
+    """
+
+    def __init__(self, root: Path, filters: Filters, resume_file: Path, own_files: Iterable[Path]) -> None:
+        self.root = root
+        self.filters = filters
+        self.resume_file = resume_file
+        self.own_files = {os.path.abspath(path) for path in own_files}
+        #: Per bucket, hash() of every key listed (the filtered-out ones too).
+        self.listed: dict[str, set[int]] = {}
+
+    def add(self, page: Sequence[S3Object]) -> None:
+        """Remember a listing page's keys (a page holds one bucket's objects)."""
+        if page:
+            self.listed.setdefault(page[0].bucket, set()).update(hash(obj.key) for obj in page)
+
+    def is_own_file(self, path: Path) -> bool:
+        name, resume = path.name, self.resume_file
+        if name.startswith(".adl-"):  # temp_path_for's names, and prepare_download_dir's probe
+            return True
+        if path.parent == resume.parent and (
+            name == resume.name or name.startswith((resume.name + ".", f".{resume.name}."))
+        ):
+            return True  # the journal, its .journal/.progress/.corrupt files and compaction's temp file
+        return os.path.abspath(path) in self.own_files
+
+    def unlisted(self, bucket: str, prefixes: Sequence[str]) -> Iterator[Path]:
+        """The files in scope that no listed key maps to; symlinks and other non-files are kept,
+        and no symlinked directory is entered."""
+        listed = self.listed.get(bucket, set())
+        bucket_dir = self.root / bucket
+        for prefix in collapse_prefixes(prefixes):
+            base = delete_base(self.root, bucket, prefix)
+            if base is None or through_symlink(self.root, base) or not base.is_dir():
+                continue
+            for directory, dirnames, filenames in os.walk(base):  # os.walk never descends into a symlink
+                relative = os.path.relpath(directory, bucket_dir)
+                dir_key = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+                dirnames[:] = [
+                    name
+                    for name in dirnames
+                    if (dir_key + name + "/").startswith(prefix) or prefix.startswith(dir_key + name + "/")
+                ]
+                for name in filenames:
+                    key = dir_key + name
+                    if key.startswith(prefix) and hash(key) not in listed:
+                        path = Path(directory, name)
+                        if self.deletable(path, bucket, key):
+                            yield path
+
+    def deletable(self, path: Path, bucket: str, key: str) -> bool:
+        """A file in scope that no listed key maps to: deleted unless it is the tool's own, not a regular file,
+        could not have come from a key, or a filter leaves its key out."""
+        if self.is_own_file(path):
+            return False
+        try:
+            info = os.lstat(path)
+            stored = local_path_for(self.root, bucket, key) == path
+        except (OSError, UnsafeKeyError):
+            return False
+        if not stored or not stat.S_ISREG(info.st_mode):
+            return False
+        local = S3Object(bucket, key, info.st_size, "", info.st_mtime)
+        return filter_reason(local, self.filters) is None
+
+
+def remove_emptied_dirs(bucket_dir: Path, prefixes: Sequence[str], removed: Iterable[Path]) -> int:
+    """Remove the directories that deleting ``removed`` left empty, deepest first, up to (not including) the
+    bucket's directory and only within scope: a directory the user made, or one that still holds anything,
+    stays. Returns how many went."""
+    pending = {path.parent for path in removed}
+    scopes = collapse_prefixes(prefixes)
+    count = 0
+    while pending:
+        directory = max(pending, key=lambda path: len(path.parts))
+        pending.discard(directory)
+        if directory == bucket_dir or bucket_dir not in directory.parents:
+            continue
+        dir_key = directory.relative_to(bucket_dir).as_posix() + "/"
+        if not any(dir_key.startswith(prefix) for prefix in scopes):
+            continue
+        try:
+            os.rmdir(directory)  # only an empty directory goes
+        except OSError:
+            continue
+        count += 1
+        pending.add(directory.parent)
+    return count
+
+
+###############################################################################
 # The downloader
 ###############################################################################
 # AWSDataDownloader is the public face: settings, stop() and run_full_download(). Each run is a _Run, whose fields
@@ -5220,6 +5395,14 @@ class _Run:
     abort: Callable[[], None] = lambda: None
     #: (objects, bytes) of large objects begun and not finished, read from the journal as the run closes.
     unfinished: tuple[int, int] = (0, 0)
+    #: The tool's own files (lock, log, manifest, config file) that --delete never removes.
+    own_files: tuple[Path, ...] = ()
+    #: The listed keys of a --delete run; None without --delete.
+    mirror: Mirror | None = None
+    #: Local files a --delete run removed (a dry run: would remove), those it could not, and why it removed none.
+    deleted: int = 0
+    delete_failed: int = 0
+    delete_refused: str | None = None
 
     def execute(self) -> DownloadSummary:
         """discover -> plan pages -> reserve disk -> dispatch -> finish."""
@@ -5236,6 +5419,8 @@ class _Run:
                     self.listing_complete()
                 except KeyboardInterrupt:  # Python API: Ctrl-C in a notebook is a stop request
                     self.halt("interrupted")
+            if self.mirror is not None:
+                self.delete_unlisted(self.mirror)
         finally:
             self.close()
         return self.finish()
@@ -5250,6 +5435,8 @@ class _Run:
         self.filters = Filters() if manifest_run else Filters.from_config(config)
         #: --as-of as seconds since the epoch (not for a manifest run, whose versions are recorded).
         self.as_of = parse_as_of(config.as_of) if config.as_of and not manifest_run else None
+        if config.delete and not manifest_run:
+            self.mirror = Mirror(self.root, self.filters, self.root / config.resume_file, self.own_files)
         session = make_session(config, self.credentials, self.redactor)
         if self.credentials.access_key:
             log.info("Using access key %s", mask_access_key(self.credentials.access_key))
@@ -5370,6 +5557,8 @@ class _Run:
         """Each page's selected objects, placed and skip-checked, with the bytes still to fetch for them."""
         overwrite, filters, filtered = self.config.overwrite_existing, self.filters, self.tally.filtered
         for page in self.pages():
+            if self.mirror is not None:
+                self.mirror.add(page)
             plans = []
             for obj in page:
                 rule = filter_reason(obj, filters)
@@ -5447,6 +5636,81 @@ class _Run:
         return [
             f"s3://*/{display_key(p)} (in any of {count} bucket{'s' if count != 1 else ''})" for p in sorted(everywhere)
         ]
+
+    # -- mirror deletions -----------------------------------------------------------------------------------
+
+    def why_not_delete(self) -> str | None:
+        """Why this --delete run must delete nothing, or None. rclone's rule, the safe one: no deletion after any
+        error (aws s3 sync deletes even when copies failed). Keys that can never be stored (unsafe keys) are not
+        errors of this run: they would block every mirror of their bucket for good."""
+        if self.stop.is_set() or self.stop_reason is not None:
+            return "the run stopped before its end"
+        if not self.listed_all:
+            return "the listing did not complete"
+        unread = [problem for problem in self.problems if self.config.buckets or problem.bucket in self.buckets]
+        if unread:
+            return f"a listing failed ({unread[0].reason})"
+        if self.nothing_under():
+            return "a bucket or prefix given lists no objects (a typo would delete the whole local copy)"
+        failed = sum(n for reason, n in self.tally.failure_counts.items() if not reason.startswith("unsafe key"))
+        if failed:
+            return f"{failed:,} object{'' if failed == 1 else 's'} failed; run again when they download"
+        return None
+
+    def delete_unlisted(self, mirror: Mirror) -> None:
+        """Remove the local files in scope that the complete listing no longer has (a dry run: list them), then
+        the directories that leaves empty; nothing at all when why_not_delete says so or more than max_delete
+        would go."""
+        reason = self.why_not_delete()
+        if reason is not None:
+            self.delete_refused = reason
+            log.warning("Not deleting any local file: %s", reason)
+            return
+        prefixes = self.config.prefixes
+        doomed = [(bucket, path) for bucket in self.buckets for path in mirror.unlisted(bucket, prefixes)]
+        limit = self.config.max_delete
+        if self.dry_run:
+            for _bucket, path in doomed:
+                log.info("Would delete %s (no longer listed)", display_key(str(path)))
+            self.deleted = len(doomed)
+        if limit is not None and len(doomed) > limit:
+            self.delete_refused = (
+                f"{len(doomed):,} local file{'' if len(doomed) == 1 else 's'} would be deleted, more than "
+                f"--max-delete {limit:,}: none {'would be' if self.dry_run else 'was'} deleted"
+            )
+            log.error("Not deleting any local file: %s", self.delete_refused)
+            return
+        if self.dry_run:
+            log.info(
+                "Would delete %s local file%s no longer listed", f"{len(doomed):,}", "" if len(doomed) == 1 else "s"
+            )
+            return
+        removed: dict[str, list[Path]] = {}
+        try:
+            for bucket, path in doomed:
+                if self.stop.is_set():
+                    break
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue  # gone meanwhile
+                except OSError as exc:
+                    self.delete_failed += 1
+                    log.warning("Could not delete %s: %s", display_key(str(path)), exc.strerror)
+                    continue
+                self.deleted += 1
+                removed.setdefault(bucket, []).append(path)
+                log.info("Deleted %s (no longer listed)", display_key(str(path)))
+        except KeyboardInterrupt:
+            self.halt("interrupted")
+        dirs = sum(remove_emptied_dirs(self.root / bucket, prefixes, paths) for bucket, paths in removed.items())
+        log.info(
+            "Deleted %s local file%s no longer listed, and %s emptied director%s",
+            f"{self.deleted:,}",
+            "" if self.deleted == 1 else "s",
+            f"{dirs:,}",
+            "y" if dirs == 1 else "ies",
+        )
 
     # -- stopping -------------------------------------------------------------------------------------------
 
@@ -5538,6 +5802,9 @@ class _Run:
             interrupted_files=tally.total - tally.finished if stopped_reason else 0,
             partial_files=self.unfinished[0],
             partial_bytes=self.unfinished[1],
+            deleted=self.deleted if self.mirror is not None else None,
+            delete_failed=self.delete_failed,
+            delete_refused=self.delete_refused,
         )
 
 
@@ -5570,6 +5837,10 @@ class AWSDataDownloader:
         self._stop = threading.Event()
         #: The run in progress, if any (stop() forwards to it).
         self._run: _Run | None = None
+        #: The config file the settings came from, if any: --delete never removes it.
+        self.config_file: str | None = (
+            None if config is None or isinstance(config, (Mapping, Config)) else os.fspath(config)
+        )
 
     # -- public API -----------------------------------------------------------------------------------------
 
@@ -5612,6 +5883,11 @@ class AWSDataDownloader:
         self._stop.clear()
         self.redactor.clear()
         root = Path(config.download_dir).expanduser().absolute()
+        if config.delete and from_manifest is not None:
+            raise ConfigError(
+                "--delete cannot be used with --from-manifest: a manifest run lists nothing, so it cannot know "
+                "which local files are gone from the bucket"
+            )
         manifest_objects = read_manifest(from_manifest) if from_manifest is not None else None
         if not dry_run:
             prepare_download_dir(root)
@@ -5620,6 +5896,8 @@ class AWSDataDownloader:
             lock.acquire()
         credentials = Credentials(access_key, secret_key, session_token)
         run = _Run(config, credentials, root, dry_run, manifest_objects, self._stop, self.redactor, self.STOP_GRACE_S)
+        own = [DirectoryLock(root).path, *(Path(p) for p in (config.log_file, config.manifest, self.config_file) if p)]
+        run.own_files = tuple(own)
         self._run = run
         try:
             with self.redactor.on_every_handler():
@@ -5897,7 +6175,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         description="Download whole datasets from S3 and S3-compatible stores: parallel, verified, resumable.",
         epilog=(
-            "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed; 2 usage, config or "
+            "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed (or --delete "
+            "could not delete: see the summary); 2 usage, config or "
             "directory error; 3 credentials rejected or nothing accessible; 4 another run holds the lock; "
             "5 not enough disk space; 6 a named bucket does not exist, or a bucket or prefix lists nothing; "
             "130 interrupted."
@@ -5992,6 +6271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and not args.verbose:
         level = max(level, logging.WARNING)
     downloader = AWSDataDownloader(config)
+    downloader.config_file = config_path
     header = run_header(parser.prog, sys.argv[1:] if argv is None else argv, config_path, config)
     try:
         with cli_logging(level, config.log_file or None, downloader.redactor):
@@ -6085,10 +6365,14 @@ def run_outcome(code: int, summary: DownloadSummary | None, seconds: float) -> s
     if summary.dry_run:
         fetched = f"{summary.downloaded:,} would be downloaded ({format_size(summary.downloaded_bytes)})"
         counts = f"dry run, {total}: {fetched}, {summary.skipped:,} skipped, {summary.failed:,} failed"
+        if summary.deleted is not None:
+            counts += f", {summary.deleted:,} would be deleted"
     else:
         counts = f"{total}: {summary.downloaded:,} downloaded, {summary.skipped:,} skipped, {summary.failed:,} failed"
         if summary.stopped_early:
             counts += f", {summary.interrupted_files:,} interrupted"
+        if summary.deleted is not None:
+            counts += f", {summary.deleted:,} deleted"
         counts += f"; {format_size(summary.downloaded_bytes)} downloaded"
         if summary.partial_files:
             counts += f", {format_size(summary.partial_bytes)} kept for resume"
