@@ -3597,11 +3597,15 @@ class Transfer:
 
     def compare_local(self, obj: S3Object, target: Path) -> LocalCheck:
         """Hash the local file by the checksum a download would verify it with (choose_hasher, or the
-        multipart ETag on the object's own parts). An MD5 ETag from the listing needs no request; a multipart
-        or other ETag asks a HEAD with checksum mode for a full-object CRC, and an MD5 mismatch asks one too
-        before saying the file differs (an SSE-KMS ETag looks like an MD5, and the object may carry a CRC)."""
+        multipart ETag on the object's own parts).
+
+        A small object's MD5 ETag from the listing needs no request. Anything else asks a HEAD with checksum mode
+        first, as route_for does: a multipart or other ETag for its full-object CRC, a large object because a
+        CRC hashes several times faster than MD5 here (benchmarks/hash_local.py). An MD5 mismatch asks one too
+        before saying the file differs: an SSE-KMS ETag looks like an MD5, and the object may carry a CRC.
+        """
         md5 = None
-        if etag_kind(obj.etag) == "md5":
+        if etag_kind(obj.etag) == "md5" and obj.size < self.config.multipart_threshold:
             md5 = self._hash_local(obj, target, choose_hasher(obj, {}, True))  # type: ignore[arg-type]
             if md5.outcome == "match":
                 return md5
@@ -4744,9 +4748,13 @@ class DownloadSummary:
         if self.manifest and not self.dry_run:
             rows.append(("Manifest:", self.manifest))
         lines = [rule, title, rule, *(f"{label:<18}{value}" for label, value in rows)]
-        if self.skipped_reasons:
+        # --verify-local's intact files have their own row; its other skips (unverifiable, archived) are listed
+        reasons = {
+            reason: n for reason, n in self.skipped_reasons.items() if not (self.verify_local and reason == "intact")
+        }
+        if reasons:
             lines.append("Would skip, by reason:" if self.dry_run else "Skipped by reason:")
-            lines += [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped_reasons.items())]
+            lines += [f"  {reason}: {count:,}" for reason, count in sorted(reasons.items())]
         if self.verify_local:
             lines += self._local_problem_lines()
         grouped = self.failures_by_reason()

@@ -341,6 +341,7 @@ def test_verify_local_lists_a_flipped_byte_and_a_missing_file_and_exits_1(
     assert "Intact:           1" in out and "Missing:          1" in out and "Differ:           2" in out
     assert f"  {BUCKET}/dir/f2.bin: missing locally" in out
     assert f"  {BUCKET}/dir/f3.bin: local size 5 != 65,536" in out
+    assert "Skipped by reason" not in out  # the intact files have their own row
 
 
 def test_verify_local_from_python(s3: S3Server, proxy: FaultProxy, tmp_path: Path, run_cli) -> None:
@@ -390,3 +391,24 @@ def test_local_checks_are_pure_decisions() -> None:
     assert not adl.needs_local_check(obj, None, None, overwrite=False)
     assert not adl.needs_local_check(obj, same, None, overwrite=True)
     assert base64.b64decode(adl.crc_base64("crc64nvme", 1)) == (1).to_bytes(8, "big")
+
+
+def test_a_large_object_is_compared_by_its_crc_not_its_md5(
+    s3: S3Server, proxy: FaultProxy, tmp_path: Path, run_cli
+) -> None:
+    """From multipart_threshold up, one HEAD names the CRC64NVME, which hashes several times faster than MD5."""
+    body = random.Random(9).randbytes(2 * MiB)
+    s3.make_bucket(BUCKET)
+    client = s3.uploading_client()
+    try:
+        crc = client.put_object(Bucket=BUCKET, Key="big.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
+    finally:
+        client.close()
+    place(tmp_path, "big.bin", body)
+
+    code, summary, err = cli(run_cli, proxy, tmp_path, "--checksum", "--multipart-threshold-mb", "1")
+
+    assert code == adl.EXIT_OK, err
+    assert (summary["checked"], summary["matched"]) == (1, 1)
+    assert proxy.count("GET", key="big.bin") == 0 and proxy.count("HEAD", key="big.bin") == 1
+    assert completed(tmp_path)["big.bin"]["checksum"] == f"crc64nvme:{crc['ChecksumCRC64NVME']}"
