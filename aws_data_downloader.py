@@ -3606,19 +3606,20 @@ class Transfer:
         """
         md5 = None
         if etag_kind(obj.etag) == "md5" and obj.size < self.config.multipart_threshold:
-            md5 = self._hash_local(obj, target, choose_hasher(obj, {}, True))  # type: ignore[arg-type]
+            md5 = self._hash_local(obj, target, {})
             if md5.outcome == "match":
                 return md5
         headers = self._head(obj)
         if full_checksum(headers) is None and not encryption_note(headers) and etag_kind(obj.etag) == "multipart":
             return self._hash_local_parts(obj, target)
-        hasher = choose_hasher(obj, headers, True)
-        assert hasher is not None
-        if hasher.algorithm == "md5" and md5 is not None:
-            return md5
-        return self._hash_local(obj, target, hasher)
+        if md5 is not None and full_checksum(headers) is None and not encryption_note(headers):
+            return md5  # the MD5 ETag was the right checksum: the file differs
+        return self._hash_local(obj, target, headers)
 
-    def _hash_local(self, obj: S3Object, target: Path, hasher: StreamHasher) -> LocalCheck:
+    def _hash_local(self, obj: S3Object, target: Path, headers: Mapping[str, str]) -> LocalCheck:
+        """The whole file hashed by what choose_hasher picks for ``headers`` ({}: the listing's ETag)."""
+        hasher = choose_hasher(obj, headers, verify=True)
+        assert hasher is not None, "verify=True always chooses"
         if hasher.algorithm == "unverifiable":
             return LocalCheck("unverifiable", "", hasher.note)
         try:
@@ -3644,13 +3645,15 @@ class Transfer:
         """Feed the local file, piece by piece, to the hashers; at most HASH_THREADS files are read at once,
         so parallel_downloads threads do not make a disk seek between 32 files."""
         with self._hashing:
-            for start, length, hasher in pieces:
-                try:
+            try:
+                for start, length, hasher in pieces:
                     _hash_file_range(target, start, length, _StopChecking(hasher, self.stop))
-                except ConnectionError:  # shorter than the listing says: it changed since it was planned
-                    raise ChecksumMismatch("the local file changed while it was read") from None
-            if os.stat(target).st_size != obj.size:
-                raise ChecksumMismatch("the local file changed while it was read")
+                if os.stat(target).st_size != obj.size:
+                    raise ConnectionError("the local file changed size")
+            except ConnectionError:  # shorter or longer than the listing says: it changed since it was planned
+                raise ChecksumMismatch("the local file changed while it was read") from None
+            except OSError as exc:  # gone, unreadable, or a symlink put there since (O_NOFOLLOW)
+                raise ChecksumMismatch(f"the local file cannot be read: {exc.strerror or exc}") from None
 
     def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
         """For a large object: its checkpoint parts and how many bytes an earlier run left on disk in order (the
@@ -4599,7 +4602,7 @@ class DownloadSummary:
         """Local files hashed and compared (or, for --verify-local, found missing or of another size too)."""
         return sum(self.local_checks.values())
 
-    def local_check_counts(self) -> dict[str, int]:
+    def local_check_counts(self) -> dict[str, Any]:
         """The JSON keys of --checksum and --verify-local: what the comparisons found."""
         counts = self.local_checks
         if self.verify_local:
@@ -4853,7 +4856,8 @@ class Tally:
                 if result.local_check in ("differ", "missing") and len(self.local_problems) < self.MAX_FAILURES_KEPT:
                     obj = result.obj
                     self.local_problems.append(FailedObject(obj.bucket, obj.key, result.detail or result.reason))
-            if result.status in ("downloaded", "failed"):
+            # A file hashed by --checksum or --verify-local was work, like a fetch: the bar counts it, kept or not.
+            if result.status in ("downloaded", "failed") or result.local_check:
                 self.settled_bytes += result.obj.size
                 self.settled_streamed += result.bytes_fetched
             if result.status == "downloaded":
@@ -4861,7 +4865,7 @@ class Tally:
                 self.downloaded_bytes += result.obj.size
             elif result.status == "skipped":
                 self.skipped += 1
-                self.skipped_bytes += result.obj.size
+                self.skipped_bytes += 0 if result.local_check else result.obj.size
                 self.skipped_reasons[result.reason] += 1
             elif result.status == "failed":
                 self.failed += 1
