@@ -412,3 +412,39 @@ def test_a_large_object_is_compared_by_its_crc_not_its_md5(
     assert (summary["checked"], summary["matched"]) == (1, 1)
     assert proxy.count("GET", key="big.bin") == 0 and proxy.count("HEAD", key="big.bin") == 1
     assert completed(tmp_path)["big.bin"]["checksum"] == f"crc64nvme:{crc['ChecksumCRC64NVME']}"
+
+
+@pytest.mark.seaweedfs
+def test_a_full_object_crc64nvme_multipart_object_is_compared_by_its_crc(seaweed: S3Server, tmp_path: Path) -> None:
+    """moto's multipart full-object CRC64NVME is wrong (../shared/SERVERS.md), SeaweedFS's is right: the HEAD's
+    CRC decides, so the file is read once, with no partNumber HEAD for the MD5 parts."""
+    from test_checksums import crc64, put_full_object_multipart
+
+    bucket = f"compare-crc-{random.randrange(10**6)}"
+    body = random.Random(11).randbytes(11 * MiB)
+    client = seaweed.uploading_client()
+    try:
+        client.create_bucket(Bucket=bucket)
+        put_full_object_multipart(client, bucket, "mp.bin", body, 5 * MiB)
+    finally:
+        client.close()
+    path = tmp_path / "data" / bucket / "mp.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(body)
+    with FaultProxy(seaweed.endpoint) as proxy:
+        settings = {**FAST, "buckets": [bucket], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
+        summary = adl.AWSDataDownloader({**settings, "checksum": True, "log_file": ""}).run_full_download()
+        heads = proxy.requests("HEAD", key="mp.bin")
+        gets = proxy.count("GET", key="mp.bin")
+
+        assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
+        assert gets == 0 and len(heads) == 1 and "partNumber" not in heads[0].query
+        entry = json.loads((tmp_path / "data" / "download_resume.json").read_text())["completed"][bucket]["mp.bin"]
+        assert entry["checksum"] == f"crc64nvme:{crc64(body)}"
+
+        path.write_bytes(flipped(body, 10 * MiB))
+        (tmp_path / "data" / "download_resume.json").unlink()
+        report = adl.AWSDataDownloader(settings).run_full_download(verify_local=True)
+
+    assert report.local_checks == {"differ": 1}
+    assert report.failures[0].reason == "differs from S3 (crc64nvme)"
