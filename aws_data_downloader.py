@@ -73,8 +73,10 @@ MiB = 1024 * KiB
 T = TypeVar("T")
 
 
-def plan_object(obj: S3Object, root: Path, overwrite: bool, journal: ResumeJournal | NullJournal) -> Planned:
-    """Place and skip-check one selected object (the filters have kept it)."""
+def plan_object(
+    obj: S3Object, root: Path, overwrite: bool, journal: ResumeJournal | NullJournal, compare: bool = False
+) -> Planned:
+    """Place and skip-check one selected object (the filters have kept it); ``compare`` is --checksum."""
     if obj.key.endswith("/"):
         return Planned(obj, None, DownloadResult(obj, "failed", "unsafe key: folder marker with data"))
     if obj.storage_class in ARCHIVED_STORAGE_CLASSES:
@@ -89,6 +91,8 @@ def plan_object(obj: S3Object, root: Path, overwrite: bool, journal: ResumeJourn
         local = None
     done = journal.completed(obj.bucket, obj.key)
     reason = skip_reason(obj, local, done, overwrite)
+    if compare and needs_local_check(obj, local, done, overwrite):
+        return Planned(obj, target, None, hash_local=True, fallback=reason)
     if reason is None:
         return Planned(obj, target, None)
     checksum = done.checksum if done is not None else None
@@ -256,6 +260,14 @@ OPTIONS: tuple[Option, ...] = (
         "--no-verify",
         inverted=True,
         flag_help="Do not verify checksums (less CPU; a corrupted byte would go unnoticed).",
+    ),
+    Option(
+        "checksum",
+        "bool",
+        False,
+        "Hash same-size local files the resume journal does not vouch for (another tool's, a backup) and download "
+        "only those that differ from the object's checksum, instead of trusting size and date.",
+        "--checksum",
     ),
     Option(
         "retry_attempts",
@@ -433,6 +445,7 @@ class Config:
     min_file_size_mb: float = 0.0
     max_file_size_mb: float | None = None
     verify_checksums: bool = True
+    checksum: bool = False
     retry_attempts: int = 5
     retry_mode: str = "standard"
     retry_backoff_s: float = 0.5
@@ -3176,6 +3189,11 @@ class DownloadResult:
     attempts: int = 0
     route: str = ""  #: the path that fetched it: "loop", "stream" or "parts"; "" when none did
     seconds: float = 0.0  #: how long its fetch took, retries and backoff included
+    #: How the local file compared with the object (--checksum, --verify-local): "match", "differ",
+    #: "unverifiable", "missing"; "" when it was not compared.
+    local_check: str = ""
+    #: For a local file that differs: how (the two checksums, or sizes), for the log.
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -3185,6 +3203,10 @@ class Planned:
     obj: S3Object
     target: Path | None
     result: DownloadResult | None  #: set when no transfer is needed (skipped, unsafe, archived)
+    #: Hash the local file and compare it with the object's checksum first (--checksum, --verify-local).
+    hash_local: bool = False
+    #: skip_reason's decision without the hash: what a --checksum object with no usable checksum gets.
+    fallback: str | None = None
 
 
 def skip_reason(
@@ -3201,7 +3223,7 @@ def skip_reason(
     if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
         return None
     if done is not None:
-        if done.etag == obj.etag and done.size == obj.size:
+        if vouches(done, obj):
             return "already downloaded"
         return None  # the object changed since we downloaded it
     if obj.version_id:
@@ -3209,6 +3231,41 @@ def skip_reason(
     if local.st_mtime + 1e-6 >= obj.last_modified:
         return "exists locally (same size, not older)"
     return None
+
+
+def vouches(done: CompletedEntry | None, obj: S3Object) -> bool:
+    """The journal recorded this version of the object as downloaded and verified."""
+    return done is not None and done.etag == obj.etag and done.size == obj.size
+
+
+def needs_local_check(
+    obj: S3Object, local: os.stat_result | None, done: CompletedEntry | None, overwrite: bool
+) -> bool:
+    """With --checksum: a local file of the object's size that the journal does not vouch for is hashed
+    (whatever its date, as rclone --checksum compares size and hash only); a journaled one is trusted, and a
+    missing or other-size one is downloaded without reading it."""
+    if overwrite or local is None or not stat.S_ISREG(local.st_mode) or local.st_size != obj.size:
+        return False
+    return not vouches(done, obj)
+
+
+def plan_verify(obj: S3Object, root: Path) -> Planned:
+    """--verify-local: which local files need hashing. Every file is (bit rot, too: the journal vouches for
+    none); a missing one or one of another size differs without being read."""
+    planned = plan_object(obj, root, True, NullJournal())  # unsafe keys, folder markers, archived objects
+    if planned.result is not None or planned.target is None:
+        return planned
+    try:
+        local = os.lstat(planned.target)
+    except OSError:
+        local = None
+    if local is None or not stat.S_ISREG(local.st_mode):
+        return Planned(obj, planned.target, DownloadResult(obj, "failed", "missing locally", local_check="missing"))
+    if local.st_size != obj.size:
+        reason, detail = "differs from S3 (size)", f"local size {local.st_size:,} != {obj.size:,}"
+        result = DownloadResult(obj, "failed", reason, str(planned.target), local_check="differ", detail=detail)
+        return Planned(obj, planned.target, result)
+    return Planned(obj, planned.target, None, hash_local=True)
 
 
 ###############################################################################
@@ -3299,7 +3356,7 @@ def plan_parts(size: int, part_sizes: int | Sequence[int]) -> list[Part]:
     return parts
 
 
-def _hash_file_range(path: Path, start: int, length: int, hasher: StreamHasher | PartHash) -> None:
+def _hash_file_range(path: Path, start: int, length: int, hasher: StreamHasher | PartHash | _StopChecking) -> None:
     """Feed ``length`` bytes from ``start`` that an earlier run wrote into ``hasher``: the one read of them."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
     try:
@@ -3374,6 +3431,26 @@ class _PartsJob:
     kept: bool  #: the temp file holds an earlier attempt's bytes (its progress slots can be trusted)
 
 
+#: Local files hashed at once by --checksum and --verify-local (see benchmarks/hash_local.py): enough to keep
+#: both cores and an SSD's queue busy; more only makes a spinning disk seek between files.
+HASH_THREADS = 4
+
+
+class _StopChecking:
+    """A hasher that notices the run stopping between the chunks of a local file (a 50 GB file takes minutes)."""
+
+    __slots__ = ("hasher", "stop")
+
+    def __init__(self, hasher: StreamHasher | PartHash, stop: threading.Event) -> None:
+        self.hasher = hasher
+        self.stop = stop
+
+    def update(self, data: bytes) -> None:
+        if self.stop.is_set():
+            raise Interrupted()
+        self.hasher.update(data)
+
+
 class Transfer:
     """Moves one object from S3 to its final path; every resume and verification decision is here."""
 
@@ -3412,6 +3489,8 @@ class Transfer:
         self._versions: dict[tuple[str, str], str] = {}
         #: The route each object in flight took (route_for's path, after its HEAD), for its result.
         self._routes: dict[tuple[str, str], str] = {}
+        #: Local files being hashed (--checksum, --verify-local): at most HASH_THREADS at once.
+        self._hashing = threading.BoundedSemaphore(min(HASH_THREADS, config.parallel_downloads))
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
@@ -3726,6 +3805,129 @@ class Transfer:
             raise
         self.on_bytes(len(body))
         return DownloadResult(self._take_version(obj), "downloaded", "", str(target), checksum, len(body), 1, "loop")
+
+    # -- local files compared with the object (--checksum, --verify-local) --------------------------------------
+
+    def refresh(self, obj: S3Object, target: Path, fallback: str | None) -> DownloadResult:
+        """--checksum: keep a local file the journal does not vouch for when its bytes match the object's
+        checksum (journaled as complete, so the next run trusts it), download it when they differ.
+
+        An object with no usable checksum gets ``fallback``, the size-and-date decision a run without
+        --checksum makes, and is counted as unverifiable.
+        """
+        if self.stop.is_set():
+            return DownloadResult(obj, "interrupted", "stopped")
+        started = time.monotonic()
+        try:
+            check = self.compare_local(obj, target)
+        except Interrupted:
+            return DownloadResult(obj, "interrupted", "stopped")
+        except ObjectChanged:  # replaced since it was listed: the download fetches the new version
+            check = LocalCheck("differ", "", "the object changed since it was listed")
+        except Exception as exc:
+            return self._failed(obj, exc, 1)
+        if check.outcome == "match":
+            obj = self._take_version(obj)
+            with contextlib.suppress(OSError):  # its date, as a download would have set it (rclone does too)
+                os.utime(target, (obj.last_modified, obj.last_modified), follow_symlinks=False)
+            with contextlib.suppress(OSError):  # a temp file an earlier attempt left: the file is whole already
+                os.unlink(temp_path_for(target, obj.key))
+            self.journal.record_done(obj, check.detail, str(target))
+            seconds = time.monotonic() - started
+            return DownloadResult(
+                obj, "skipped", "checksum matches", str(target), check.detail, local_check="match", seconds=seconds
+            )
+        if check.outcome == "unverifiable" and fallback is not None:
+            self._take_version(obj)
+            return DownloadResult(obj, "skipped", fallback, str(target), local_check="unverifiable")
+        log.info("%s: the local file differs (%s); downloading it", self._what(obj), check.detail)
+        result = self.download(obj, target)
+        return dataclasses.replace(result, local_check=check.outcome, detail=check.detail)
+
+    def verify_local(self, obj: S3Object, target: Path) -> DownloadResult:
+        """--verify-local: is the local file the object's bytes? Reads it and asks S3; writes nothing."""
+        if self.stop.is_set():
+            return DownloadResult(obj, "interrupted", "stopped")
+        started = time.monotonic()
+        try:
+            check = self.compare_local(obj, target)
+        except Interrupted:
+            return DownloadResult(obj, "interrupted", "stopped")
+        except Exception as exc:  # the object changed or went away since it was listed, denied, ...
+            return self._failed(obj, exc, 1)
+        obj = self._take_version(obj)
+        seconds = time.monotonic() - started
+        if check.outcome == "match":
+            return DownloadResult(
+                obj, "skipped", "intact", str(target), check.detail, local_check="match", seconds=seconds
+            )
+        if check.outcome == "unverifiable":
+            reason = f"unverifiable: {check.detail}"
+            return DownloadResult(obj, "skipped", reason, str(target), local_check="unverifiable", seconds=seconds)
+        reason = f"differs from S3 ({check.algorithm})"
+        return DownloadResult(
+            obj, "failed", reason, str(target), local_check="differ", detail=check.detail, seconds=seconds
+        )
+
+    def compare_local(self, obj: S3Object, target: Path) -> LocalCheck:
+        """Hash the local file by the checksum a download would verify it with (choose_hasher, or the
+        multipart ETag on the object's own parts).
+
+        A small object's MD5 ETag from the listing needs no request. Anything else asks a HEAD with checksum mode
+        first, as route_for does: a multipart or other ETag for its full-object CRC, a large object because a
+        CRC hashes several times faster than MD5 here (benchmarks/hash_local.py). An MD5 mismatch asks one too
+        before saying the file differs: an SSE-KMS ETag looks like an MD5, and the object may carry a CRC.
+        """
+        md5 = None
+        if etag_kind(obj.etag) == "md5" and obj.size < self.config.multipart_threshold:
+            md5 = self._hash_local(obj, target, {})
+            if md5.outcome == "match":
+                return md5
+        headers = self._head(obj)
+        if full_checksum(headers) is None and not encryption_note(headers) and etag_kind(obj.etag) == "multipart":
+            return self._hash_local_parts(obj, target)
+        if md5 is not None and full_checksum(headers) is None and not encryption_note(headers):
+            return md5  # the MD5 ETag was the right checksum: the file differs
+        return self._hash_local(obj, target, headers)
+
+    def _hash_local(self, obj: S3Object, target: Path, headers: Mapping[str, str]) -> LocalCheck:
+        """The whole file hashed by what choose_hasher picks for ``headers`` ({}: the listing's ETag)."""
+        hasher = choose_hasher(obj, headers, verify=True)
+        assert hasher is not None, "verify=True always chooses"
+        if hasher.algorithm == "unverifiable":
+            return LocalCheck("unverifiable", "", hasher.note)
+        try:
+            self._hash_whole(obj, target, [(0, obj.size, hasher)])
+            return LocalCheck("match", hasher.algorithm, hasher.verify())
+        except ChecksumMismatch as exc:
+            return LocalCheck("differ", hasher.algorithm, str(exc))
+
+    def _hash_local_parts(self, obj: S3Object, target: Path) -> LocalCheck:
+        """A multipart ETag: the MD5s of the local file cut on the object's own upload parts."""
+        parts = self._own_parts(obj)
+        digests = [PartHash("md5") for _ in parts]
+        try:
+            self._hash_whole(obj, target, [(p.start, p.size, digest) for p, digest in zip(parts, digests, strict=True)])
+            record = verify_multipart_etag(obj.etag, [bytes.fromhex(digest.text()) for digest in digests])
+        except ChecksumMismatch as exc:
+            return LocalCheck("differ", "md5-multipart", str(exc))
+        return LocalCheck("match", "md5-multipart", record)
+
+    def _hash_whole(
+        self, obj: S3Object, target: Path, pieces: Sequence[tuple[int, int, StreamHasher | PartHash]]
+    ) -> None:
+        """Feed the local file, piece by piece, to the hashers; at most HASH_THREADS files are read at once,
+        so parallel_downloads threads do not make a disk seek between 32 files."""
+        with self._hashing:
+            try:
+                for start, length, hasher in pieces:
+                    _hash_file_range(target, start, length, _StopChecking(hasher, self.stop))
+                if os.stat(target).st_size != obj.size:
+                    raise ConnectionError("the local file changed size")
+            except ConnectionError:  # shorter or longer than the listing says: it changed since it was planned
+                raise ChecksumMismatch("the local file changed while it was read") from None
+            except OSError as exc:  # gone, unreadable, or a symlink put there since (O_NOFOLLOW)
+                raise ChecksumMismatch(f"the local file cannot be read: {exc.strerror or exc}") from None
 
     def _stream_resume_point(self, obj: S3Object, temp: Path) -> tuple[list[Part], int]:
         """For a large object: its checkpoint parts and how many bytes an earlier run left on disk in order (the
@@ -4169,6 +4371,15 @@ class StreamHasher:
         if actual != self.expected:
             raise ChecksumMismatch(f"{self.algorithm} {actual} != {self.expected}")
         return f"{self.algorithm}:{actual}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCheck:
+    """How a local file compares with its object's checksum (--checksum, --verify-local)."""
+
+    outcome: str  #: "match", "differ" or "unverifiable"
+    algorithm: str  #: what compared them: "md5", "md5-multipart", a CRC or SHA name; "" when nothing did
+    detail: str  #: the checksum record on a match ("crc64nvme:<b64>"), else how they differ or why unverifiable
 
 
 def encryption_note(headers: Mapping[str, str]) -> str | None:
@@ -4620,6 +4831,16 @@ class DownloadSummary:
     deleted: int | None = None
     delete_failed: int = 0
     delete_refused: str | None = None
+    #: The run compared local files the journal did not vouch for with their objects' checksums (--checksum).
+    checksum: bool = False
+    #: Local files compared, by outcome: "match", "differ", "unverifiable", "missing" (--verify-local only).
+    local_checks: Mapping[str, int] = field(default_factory=dict)
+    #: Files --checksum found different and downloaded again.
+    replaced: int = 0
+    #: The run only compared the local copy with S3 (--verify-local): nothing was downloaded or written.
+    verify_local: bool = False
+    #: The local files that differ (reason: how) or are missing (reason: "missing locally").
+    local_problems: tuple[FailedObject, ...] = ()
 
     @property
     def stopped_early(self) -> bool:
@@ -4659,6 +4880,30 @@ class DownloadSummary:
     def filtered_text(self) -> str:
         return filtered_text(self.filtered)
 
+    @property
+    def checked(self) -> int:
+        """Local files hashed and compared (or, for --verify-local, found missing or of another size too)."""
+        return sum(self.local_checks.values())
+
+    def local_check_counts(self) -> dict[str, Any]:
+        """The JSON keys of --checksum and --verify-local: what the comparisons found."""
+        counts = self.local_checks
+        if self.verify_local:
+            return {
+                "intact": counts.get("match", 0),
+                "differ": counts.get("differ", 0),
+                "missing": counts.get("missing", 0),
+                "unverifiable": counts.get("unverifiable", 0),
+                "differ_files": [dataclasses.asdict(f) for f in self.local_problems if f.reason != "missing locally"],
+                "missing_files": [dataclasses.asdict(f) for f in self.local_problems if f.reason == "missing locally"],
+            }
+        return {
+            "checked": self.checked,
+            "matched": counts.get("match", 0),
+            "replaced": self.replaced,
+            "unverifiable": counts.get("unverifiable", 0),
+        }
+
     def failures_by_reason(self) -> dict[str, list[FailedObject]]:
         grouped: dict[str, list[FailedObject]] = {}
         for failure in self.failures:
@@ -4696,6 +4941,9 @@ class DownloadSummary:
             "deleted": self.deleted,
             "delete_failed": self.delete_failed,
             "delete_refused": self.delete_refused,
+            "checksum": self.checksum,
+            "verify_local": self.verify_local,
+            **self.local_check_counts(),
         }
         if self.dry_run:  # nothing was fetched: what would be, under its own keys; no speed, no success rate
             renamed = {"downloaded": "would_download", "deleted": "would_delete"}
@@ -4718,6 +4966,11 @@ class DownloadSummary:
         if self.deleted is not None:
             failed = f" ({self.delete_failed:,} could not be deleted)" if self.delete_failed else ""
             rows.append(("Deleted:", f"{self.deleted:,}{failed}"))
+        if self.checksum:
+            counts = self.local_check_counts()
+            matched, replaced, unverifiable = counts["matched"], counts["replaced"], counts["unverifiable"]
+            text = f"{self.checked:,} (matched {matched:,}, replaced {replaced:,}, unverifiable {unverifiable:,})"
+            rows.append(("Checked:", text))
         rows += [
             ("Total size:", format_size(self.total_bytes)),
             ("Downloaded size:", format_size(self.downloaded_bytes)),
@@ -4744,11 +4997,44 @@ class DownloadSummary:
             ("Duration:", f"{self.duration_s:,.1f} seconds"),
         ]
 
+    def _verify_local_rows(self) -> list[tuple[str, str]]:
+        """What --verify-local found: nothing was fetched, so there is no download count, speed or success rate."""
+        counts = self.local_check_counts()
+        unchecked = self.failed - counts["differ"] - counts["missing"]
+        return [
+            ("Total files:", f"{self.total_files:,}"),
+            ("Intact:", f"{counts['intact']:,}"),
+            ("Differ:", f"{counts['differ']:,}"),
+            ("Missing:", f"{counts['missing']:,}"),
+            ("Unverifiable:", f"{counts['unverifiable']:,}"),
+            ("Not checked:", f"{self.skipped - counts['intact'] - counts['unverifiable'] + unchecked:,}"),
+            ("Total size:", format_size(self.total_bytes)),
+            ("Duration:", f"{self.duration_s:,.1f} seconds"),
+        ]
+
+    #: Differing and missing files the --verify-local summary names (the log and --json name them all).
+    SHOWN_PROBLEMS = 20
+
+    def _local_problem_lines(self) -> list[str]:
+        """--verify-local: the first SHOWN_PROBLEMS files that differ or are missing, and how."""
+        if not self.local_problems:
+            return []
+        lines = ["Differ or missing:"]
+        for problem in self.local_problems[: self.SHOWN_PROBLEMS]:
+            lines.append(f"  {problem.bucket}/{display_key(problem.key)}: {display_key(problem.reason)}")
+        if len(self.local_problems) > self.SHOWN_PROBLEMS:
+            lines.append(f"  ... {len(self.local_problems) - self.SHOWN_PROBLEMS:,} more in the log and --json")
+        return lines
+
     def format(self) -> str:
         """The summary block, as the project README shows it."""
         rule = "=" * 60
-        title = "DRY RUN SUMMARY (nothing was written)" if self.dry_run else "DOWNLOAD SUMMARY"
-        rows = self._dry_run_rows() if self.dry_run else self._rows()
+        if self.verify_local:
+            title, rows = "VERIFY-LOCAL SUMMARY (nothing was downloaded)", self._verify_local_rows()
+        elif self.dry_run:
+            title, rows = "DRY RUN SUMMARY (nothing was written)", self._dry_run_rows()
+        else:
+            title, rows = "DOWNLOAD SUMMARY", self._rows()
         if self.filtered:
             rows.append(("Filtered out:", self.filtered_text()))
         if self.download_dir:
@@ -4756,9 +5042,15 @@ class DownloadSummary:
         if self.manifest and not self.dry_run:
             rows.append(("Manifest:", self.manifest))
         lines = [rule, title, rule, *(f"{label:<18}{value}" for label, value in rows)]
-        if self.skipped_reasons:
+        # --verify-local's intact files have their own row; its other skips (unverifiable, archived) are listed
+        reasons = {
+            reason: n for reason, n in self.skipped_reasons.items() if not (self.verify_local and reason == "intact")
+        }
+        if reasons:
             lines.append("Would skip, by reason:" if self.dry_run else "Skipped by reason:")
-            lines += [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped_reasons.items())]
+            lines += [f"  {reason}: {count:,}" for reason, count in sorted(reasons.items())]
+        if self.verify_local:
+            lines += self._local_problem_lines()
         grouped = self.failures_by_reason()
         if grouped:
             lines.append("Failures by reason:")
@@ -4833,6 +5125,11 @@ class Tally:
         self.skipped_reasons: Counter[str] = Counter()
         #: Listed objects the filters left out, by rule (filter_reason).
         self.filtered: Counter[str] = Counter()
+        #: Local files compared with their objects (--checksum, --verify-local), by DownloadResult.local_check;
+        #: the differing ones --checksum downloaded again; the differing and missing ones, kept with their keys.
+        self.local_checks: Counter[str] = Counter()
+        self.replaced = 0
+        self.local_problems: list[FailedObject] = []
 
     def add_selected(self, sizes: Iterable[int]) -> None:
         """Objects of a listing page the filters kept."""
@@ -4846,7 +5143,14 @@ class Tally:
 
     def record(self, result: DownloadResult) -> None:
         with self.lock:
-            if result.status in ("downloaded", "failed"):
+            if result.local_check:
+                self.local_checks[result.local_check] += 1
+                self.replaced += result.local_check == "differ" and result.status == "downloaded"
+                if result.local_check in ("differ", "missing") and len(self.local_problems) < self.MAX_FAILURES_KEPT:
+                    obj = result.obj
+                    self.local_problems.append(FailedObject(obj.bucket, obj.key, result.detail or result.reason))
+            # A file hashed by --checksum or --verify-local was work, like a fetch: the bar counts it, kept or not.
+            if result.status in ("downloaded", "failed") or result.local_check:
                 self.settled_bytes += result.obj.size
                 self.settled_streamed += result.bytes_fetched
             if result.status == "downloaded":
@@ -4854,7 +5158,7 @@ class Tally:
                 self.downloaded_bytes += result.obj.size
             elif result.status == "skipped":
                 self.skipped += 1
-                self.skipped_bytes += result.obj.size
+                self.skipped_bytes += 0 if result.local_check else result.obj.size
                 self.skipped_reasons[result.reason] += 1
             elif result.status == "failed":
                 self.failed += 1
@@ -5262,7 +5566,10 @@ class _Workers:
         self.close()
 
     def submit(self, plans: Sequence[Planned]) -> None:
-        routes = [route_for(planned.obj, self.run.config, self.small_loop).path for planned in plans]
+        routes = [
+            "hash" if planned.hash_local else route_for(planned.obj, self.run.config, self.small_loop).path
+            for planned in plans
+        ]
         small = [planned for planned, path in zip(plans, routes, strict=True) if path == "loop"]
         if small:
             self._loop().submit(small)
@@ -5285,7 +5592,12 @@ class _Workers:
         if self.run.stop.is_set():
             self.in_flight.release()
             return False
-        future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target)
+        if self.run.verify_local:
+            future = self.object_pool.submit(self.transfer.verify_local, planned.obj, planned.target)
+        elif planned.hash_local:
+            future = self.object_pool.submit(self.transfer.refresh, planned.obj, planned.target, planned.fallback)
+        else:
+            future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target)
         future.add_done_callback(lambda done, p=planned: self._done(done, p, release=True))
         return True
 
@@ -5355,6 +5667,11 @@ class _DryRun:
     def submit(self, plans: Sequence[Planned]) -> None:
         for planned in plans:
             obj = planned.obj
+            if planned.hash_local:  # a dry run reads no local file and asks S3 for no checksum
+                log.info("Would hash and compare %s/%s (--checksum)", obj.bucket, display_key(obj.key))
+                reason = "would be hashed and compared (--checksum)"
+                self.run.finished(DownloadResult(obj, "skipped", reason, str(planned.target)))
+                continue
             version = f", version {display_key(obj.version_id)}" if obj.version_id else ""
             log.info("Would download %s/%s (%s%s)", obj.bucket, display_key(obj.key), format_size(obj.size), version)
             self.run.finished(DownloadResult(obj, "downloaded", path=str(planned.target)))
@@ -5403,6 +5720,8 @@ class _Run:
     deleted: int = 0
     delete_failed: int = 0
     delete_refused: str | None = None
+    #: --verify-local: hash every local file against S3, download nothing, write nothing but the log.
+    verify_local: bool = False
 
     def execute(self) -> DownloadSummary:
         """discover -> plan pages -> reserve disk -> dispatch -> finish."""
@@ -5495,7 +5814,7 @@ class _Run:
     def open_outputs(self) -> None:
         """The journal, manifest, progress display and disk budget; a dry run writes none of them."""
         config = self.config
-        if not self.dry_run:
+        if not self.dry_run and not self.verify_local:
             self.journal = ResumeJournal(self.root / config.resume_file).load()
             if self.journal.journal_path.exists():
                 self.journal.compact()  # fold in the last run's journal so it never grows across runs
@@ -5508,7 +5827,7 @@ class _Run:
             log_lines=not config.quiet and not self.dry_run,
             interval=config.progress_interval_s,
         )
-        self.budget = DiskBudget(self.root, config.check_disk_space and not self.dry_run)
+        self.budget = DiskBudget(self.root, config.check_disk_space and not self.dry_run and not self.verify_local)
 
     # -- plan pages -----------------------------------------------------------------------------------------
 
@@ -5556,18 +5875,22 @@ class _Run:
     def planned_pages(self) -> Iterator[tuple[list[Planned], int]]:
         """Each page's selected objects, placed and skip-checked, with the bytes still to fetch for them."""
         overwrite, filters, filtered = self.config.overwrite_existing, self.filters, self.tally.filtered
+        compare = self.config.checksum
         for page in self.pages():
             if self.mirror is not None:
                 self.mirror.add(page)
             plans = []
             for obj in page:
                 rule = filter_reason(obj, filters)
-                if rule is None:
-                    plans.append(plan_object(obj, self.root, overwrite, self.journal))
-                else:
+                if rule is not None:
                     filtered[rule] += 1
+                elif self.verify_local:
+                    plans.append(plan_verify(obj, self.root))
+                else:
+                    plans.append(plan_object(obj, self.root, overwrite, self.journal, compare))
             self.tally.add_selected(plan.obj.size for plan in plans)
-            yield plans, sum(plan.obj.size for plan in plans if plan.result is None)
+            # A file --checksum hashes is fetched only if it differs: its bytes are not promised up front.
+            yield plans, sum(plan.obj.size for plan in plans if plan.result is None and not plan.hash_local)
 
     # -- reserve disk and dispatch --------------------------------------------------------------------------
 
@@ -5598,7 +5921,11 @@ class _Run:
         self.tally.record(result)
         self.manifest.write(result)
         obj = result.obj
-        if result.status == "failed":
+        if result.local_check in ("differ", "missing") and self.verify_local:
+            what = "Missing locally" if result.local_check == "missing" else "Differs from S3"
+            how = f" ({display_key(result.detail)})" if result.detail else ""
+            log.warning("%s: %s/%s%s", what, obj.bucket, display_key(obj.key), how)
+        elif result.status == "failed":
             log.warning("Failed %s/%s: %s", obj.bucket, display_key(obj.key), display_key(result.reason))
         if log.isEnabledFor(logging.DEBUG):
             outcome = f"{result.status} ({display_key(result.reason)})" if result.reason else result.status
@@ -5805,6 +6132,11 @@ class _Run:
             deleted=self.deleted if self.mirror is not None else None,
             delete_failed=self.delete_failed,
             delete_refused=self.delete_refused,
+            checksum=self.config.checksum and not self.verify_local,
+            local_checks=dict(tally.local_checks),
+            replaced=tally.replaced,
+            verify_local=self.verify_local,
+            local_problems=tuple(tally.local_problems),
         )
 
 
@@ -5870,13 +6202,20 @@ class AWSDataDownloader:
         session_token: str | None = None,
         dry_run: bool = False,
         from_manifest: str | os.PathLike[str] | None = None,
+        verify_local: bool = False,
         **overrides: Any,
     ) -> DownloadSummary:
         """Download everything the config selects and return the summary; never calls sys.exit.
 
         Raises a DownloaderError subclass for problems that stop the whole run (bad config, credentials,
         another run holding the lock, disk space, interruption), each with a one-line message.
+
+        ``verify_local`` downloads nothing: it hashes every selected local file against its object's checksum
+        and returns a summary whose ``failed`` counts the files that differ or are missing (``local_problems``
+        lists them); nothing is written, not even the resume journal.
         """
+        if verify_local and dry_run:
+            raise ConfigError("--verify-local and --dry-run cannot be combined: --verify-local downloads nothing")
         if region is not None:
             overrides["region"] = region
         config = self.config.replace(**overrides) if overrides else self.config
@@ -5889,15 +6228,17 @@ class AWSDataDownloader:
                 "which local files are gone from the bucket"
             )
         manifest_objects = read_manifest(from_manifest) if from_manifest is not None else None
-        if not dry_run:
+        writes = not dry_run and not verify_local
+        if writes:
             prepare_download_dir(root)
-        lock = DirectoryLock(root) if not dry_run else None
+        lock = DirectoryLock(root) if writes else None
         if lock is not None:
             lock.acquire()
         credentials = Credentials(access_key, secret_key, session_token)
         run = _Run(config, credentials, root, dry_run, manifest_objects, self._stop, self.redactor, self.STOP_GRACE_S)
         own = [DirectoryLock(root).path, *(Path(p) for p in (config.log_file, config.manifest, self.config_file) if p)]
         run.own_files = tuple(own)
+        run.verify_local = verify_local
         self._run = run
         try:
             with self.redactor.on_every_handler():
@@ -6176,7 +6517,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download whole datasets from S3 and S3-compatible stores: parallel, verified, resumable.",
         epilog=(
             "Exit codes: 0 all selected objects on disk and verified; 1 some objects failed (or --delete "
-            "could not delete: see the summary); 2 usage, config or "
+            "could not delete: see the summary; --verify-local: some local files differ or are missing); 2 usage, "
+            "config or "
             "directory error; 3 credentials rejected or nothing accessible; 4 another run holds the lock; "
             "5 not enough disk space; 6 a named bucket does not exist, or a bucket or prefix lists nothing; "
             "130 interrupted."
@@ -6197,6 +6539,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--secret-key", help="AWS secret access key (prefer the environment).")
     add("--session-token", help="AWS session token for temporary credentials.")
     add("--dry-run", action="store_true", help="List and filter, print what would be downloaded, write nothing.")
+    add(
+        "--verify-local",
+        action="store_true",
+        help="Download nothing: hash every selected local file against its object's checksum and exit 1 listing "
+        "the files that differ or are missing (rclone check).",
+    )
     add("--from-manifest", metavar="PATH", help="Download exactly the objects (and versions) of a manifest.")
     add("--verbose", "-v", action="store_true", help="Debug logging.")
     add("--json", action="store_true", help="Print the summary as one JSON object on stdout.")
@@ -6305,7 +6653,12 @@ def _run_cli(args: argparse.Namespace, downloader: AWSDataDownloader, header: st
                 downloader.config = config = config.replace(endpoint_url=endpoint, buckets=[DEMO_BUCKET])
                 access_key, secret_key = "demo", "demo"
             summary = downloader.run_full_download(
-                access_key, secret_key, session_token=token, dry_run=args.dry_run, from_manifest=args.from_manifest
+                access_key,
+                secret_key,
+                session_token=token,
+                dry_run=args.dry_run,
+                from_manifest=args.from_manifest,
+                verify_local=args.verify_local,
             )
             code = summary.exit_code
     except DownloaderError as exc:
@@ -6362,7 +6715,13 @@ def run_outcome(code: int, summary: DownloadSummary | None, seconds: float) -> s
     if summary is None:
         return f"Run finished: exit code {code}, before any object was listed, after {seconds:.1f} s"
     total = f"{summary.total_files:,} object{'' if summary.total_files == 1 else 's'}"
-    if summary.dry_run:
+    if summary.verify_local:
+        found = summary.local_check_counts()
+        counts = (
+            f"verify-local, {total}: {found['intact']:,} intact, {found['differ']:,} differ, {found['missing']:,} "
+            f"missing, {found['unverifiable']:,} unverifiable"
+        )
+    elif summary.dry_run:
         fetched = f"{summary.downloaded:,} would be downloaded ({format_size(summary.downloaded_bytes)})"
         counts = f"dry run, {total}: {fetched}, {summary.skipped:,} skipped, {summary.failed:,} failed"
         if summary.deleted is not None:
