@@ -2882,6 +2882,8 @@ def inventory_objects_csv(
     version_at, latest_at = column.get("versionid"), column.get("islatest")
     marker_at, class_at = column.get("isdeletemarker"), column.get("storageclass")
     bucket, unquote, timestamp = manifest.source_bucket, urllib.parse.unquote_plus, parse_s3_timestamp
+    # Decoding is most of a row's cost (~4 us of ~7): keys share their folders, so each folder is decoded once.
+    folders: dict[str, str] = {}
     for row in csv.reader(lines):
         if marker_at is not None and row[marker_at] == "true":
             left_out["delete marker"] += 1
@@ -2889,7 +2891,14 @@ def inventory_objects_csv(
         if latest_at is not None and row[latest_at] == "false":
             left_out["noncurrent version"] += 1
             continue
-        key, size = unquote(row[key_at]), int(row[size_at] or 0)
+        folder, slash, name = row[key_at].rpartition("/")
+        decoded = folders.get(folder)
+        if decoded is None:
+            if len(folders) > 100_000:  # flat memory, whatever the layout
+                folders.clear()
+            decoded = folders[folder] = unquote(folder)
+        key = decoded + slash + (unquote(name) if "%" in name or "+" in name else name)
+        size = int(row[size_at] or 0)
         if is_folder_marker(key, size):
             continue
         version = row[version_at] if version_at is not None else ""
