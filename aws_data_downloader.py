@@ -3105,10 +3105,11 @@ def open_inventory(engine: Engine, config: Config, attempts: Callable[[str], Att
         error = NoSuchBucketError if problem.missing else NothingAccessibleError
         raise error(f"inventory {config.inventory}: {problem.reason}")
     manifest = reader.read_manifest()
-    if config.buckets and manifest.source_bucket not in config.buckets:
+    others = [bucket for bucket in config.buckets if bucket != manifest.source_bucket]
+    if others:  # an inventory lists one bucket: the others would silently not be downloaded
         raise ConfigError(
-            f"inventory {config.inventory} lists bucket '{manifest.source_bucket}', which the buckets given "
-            f"({', '.join(config.buckets)}) do not include; drop --buckets or name that bucket"
+            f"inventory {config.inventory} lists bucket '{manifest.source_bucket}' only, and the buckets given "
+            f"name {', '.join(repr(b) for b in others)}; drop --buckets or name just that bucket"
         )
     log.info(
         "Inventory %s: bucket %s, %s, %d data file%s",
@@ -5507,7 +5508,10 @@ class _Run:
         for bucket in self.buckets:
             unlisted = self.unlisted[bucket] = set(self.config.prefixes or [""])
             if self.inventory is not None:  # its rows stand in for the listing: one bucket, filtered by prefix
-                yield from self.inventory.pages(self.config.prefixes, unlisted, self.tally.filtered)
+                try:
+                    yield from self.inventory.pages(self.config.prefixes, unlisted, self.tally.filtered)
+                except Interrupted:  # stopped while a data file was fetched
+                    return
                 continue
             try:
                 for prefix in collapse_prefixes(self.config.prefixes):

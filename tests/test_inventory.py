@@ -343,7 +343,10 @@ def test_the_inventory_is_read_from_another_bucket_than_the_one_it_lists_and_mus
     code, _out, err = run_cli("--download-dir", str(tmp_path / "data"), *s3.args(), "--inventory", url,
                              "--buckets", "other-bucket")  # fmt: skip
     assert code == adl.EXIT_USAGE
-    assert "lists bucket 'inv-src2', which the buckets given (other-bucket) do not include" in err
+    assert "lists bucket 'inv-src2' only, and the buckets given name 'other-bucket'; drop --buckets" in err
+    code, _out, err = run_cli("--download-dir", str(tmp_path / "data"), *s3.args(), "--inventory", url,
+                             "--buckets", "inv-src2", "inv-src")  # fmt: skip
+    assert code == adl.EXIT_USAGE and "name 'inv-src'; drop --buckets or name just that bucket" in err
     code, _out, err = run_cli("--download-dir", str(tmp_path / "data"), *s3.args(), "--inventory", url,
                              "--buckets", "inv-src2")  # fmt: skip
     assert code == adl.EXIT_OK, err
