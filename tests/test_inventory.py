@@ -180,6 +180,8 @@ def test_an_inventory_run_downloads_what_the_inventory_lists_not_what_a_listing_
     s3: S3Server, tmp_path: Path, run_cli
 ) -> None:
     files = seed_bucket(s3, "inv-src")
+    files["big.bin"] = bytes(range(256)) * (6 * 4096)  # 6 MiB in two parts: fetched by parts, ETag '-2'
+    s3.put_multipart("inv-src", "big.bin", files["big.bin"])
     s3.put("inv-src", "ann/folder/", b"")  # a console folder: no file
     url = publish(s3, "inv-src", inventory_rows(s3, "inv-src", versioned=False), files=2)
     s3.put("inv-src", "img/added-later.png", b"after the inventory")  # a listing would fetch it
@@ -477,3 +479,23 @@ def test_an_inventory_run_against_seaweedfs(seaweed: S3Server, tmp_path: Path, r
     expected = {key: body for key, body in files.items() if key != "img/a.png"}
     assert on_disk(tmp_path / "data" / "inv-weed") == expected
     assert summary["failures_by_reason"] == {"changed since the inventory": 1}
+
+
+def test_the_summary_says_what_differs_from_the_inventory_only_for_an_inventory_run() -> None:
+    failures = (
+        adl.FailedObject("b", "x.png", adl.CHANGED_SINCE_INVENTORY),
+        adl.FailedObject("b", "y.png", adl.MISSING_SINCE_INVENTORY),
+    )
+    summary = adl.DownloadSummary(
+        3, 1, 0, 2, 30, 10, 1.0, failures, inventory="s3://r/manifest.json", changed_since_inventory=1,
+        missing_since_inventory=1,
+    )  # fmt: skip
+    text = summary.format()
+    assert "Inventory: s3://r/manifest.json" in text
+    assert (
+        "Changed since the inventory: 1 (not fetched; --inventory-fetch-changed fetches them as they are now)" in text
+    )
+    assert "Missing since the inventory: 1" in text
+    assert "  changed since the inventory (1): b/x.png" in text and summary.exit_code == adl.EXIT_FAILED
+    plain = adl.DownloadSummary(3, 3, 0, 0, 30, 30, 1.0)
+    assert "nventory" not in plain.format() and "inventory" not in plain.to_dict()
