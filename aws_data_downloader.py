@@ -2810,12 +2810,14 @@ class InventoryManifest:
 
 
 def parse_s3_url(url: str) -> tuple[str, str] | None:
-    """(bucket, key) of 's3://bucket/key', or None when ``url`` is not one."""
-    parts = urllib.parse.urlsplit(url)
-    key = parts.path.lstrip("/")
-    if parts.scheme != "s3" or not parts.netloc or not key or key.endswith("/"):
+    """(bucket, key) of 's3://bucket/key', or None when ``url`` is not one. Split by hand, not by urlsplit: a key
+    may hold '#' or '?', which are no fragment or query here, as in aws-cli's s3:// paths."""
+    if not url.startswith("s3://"):
         return None
-    return parts.netloc, key
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        return None
+    return bucket, key
 
 
 def inventory_field(name: str) -> str:

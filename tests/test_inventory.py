@@ -499,3 +499,9 @@ def test_the_summary_says_what_differs_from_the_inventory_only_for_an_inventory_
     assert "  changed since the inventory (1): b/x.png" in text and summary.exit_code == adl.EXIT_FAILED
     plain = adl.DownloadSummary(3, 3, 0, 0, 30, 30, 1.0)
     assert "nventory" not in plain.format() and "inventory" not in plain.to_dict()
+
+
+def test_s3_urls_keep_every_character_of_the_key() -> None:
+    assert adl.parse_s3_url("s3://reports/a b/#1?x/manifest.json") == ("reports", "a b/#1?x/manifest.json")
+    for bad in ("reports/manifest.json", "s3://reports", "s3://reports/", "s3:///manifest.json", "s3://r/dir/"):
+        assert adl.parse_s3_url(bad) is None, bad
