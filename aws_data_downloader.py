@@ -2915,7 +2915,7 @@ def inventory_objects_csv(
         )
 
 
-def inventory_objects_parquet(path: Path, manifest: InventoryManifest, left_out: Counter[str]) -> Iterator[S3Object]:
+def inventory_objects_parquet(source: Any, manifest: InventoryManifest, left_out: Counter[str]) -> Iterator[S3Object]:
     """The objects of one Parquet data file, as inventory_objects_csv keeps them; keys are stored as they are.
 
     pyarrow is optional: only a Parquet inventory needs it, and it is read a batch at a time."""
@@ -2926,7 +2926,7 @@ def inventory_objects_parquet(path: Path, manifest: InventoryManifest, left_out:
             f"inventory {manifest.url} is in Parquet, which needs pyarrow: pip install pyarrow "
             "(or configure the inventory as CSV)"
         ) from None
-    parquet = pyarrow.parquet.ParquetFile(path)
+    parquet = pyarrow.parquet.ParquetFile(source)
     names = {inventory_field(name): name for name in parquet.schema_arrow.names}
     wanted = ("key", "size", "etag", "lastmodifieddate", "versionid", "islatest", "isdeletemarker", "storageclass")
     bucket = manifest.source_bucket
@@ -3022,7 +3022,7 @@ class InventoryReader:
                 "inventory %s has no manifest.checksum beside it; its data files' MD5s are still checked", self.url
             )
         else:
-            actual = hashlib.md5(text).hexdigest()
+            actual = hashlib.md5(text, usedforsecurity=False).hexdigest()
             if expected != actual:
                 raise ConfigError(
                     f"inventory {self.url}: manifest.json does not match manifest.checksum (MD5 {actual}, expected "
@@ -3066,18 +3066,19 @@ class InventoryReader:
             with tempfile.TemporaryFile(prefix="adl-inventory-") as handle:
                 self._fetch_file(entry, handle)
                 handle.seek(0)
-                if manifest.file_format == "Parquet":
-                    yield from inventory_objects_parquet(handle, manifest, left_out)  # type: ignore[arg-type]
-                    continue
-                raw = gzip.GzipFile(fileobj=handle) if entry.key.endswith(".gz") else handle
+                gzipped = manifest.file_format == "CSV" and entry.key.endswith(".gz")
                 try:
-                    yield from inventory_objects_csv(
-                        io.TextIOWrapper(raw, encoding="utf-8", newline=""), manifest, left_out
-                    )
-                except (OSError, EOFError, UnicodeDecodeError, IndexError, ValueError) as exc:
+                    if manifest.file_format == "Parquet":
+                        yield from inventory_objects_parquet(handle, manifest, left_out)
+                    else:
+                        raw = gzip.GzipFile(fileobj=handle) if gzipped else handle
+                        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                        yield from inventory_objects_csv(text, manifest, left_out)
+                except (OSError, EOFError, UnicodeDecodeError, IndexError, ValueError) as exc:  # pyarrow's: the same
+                    what = "Parquet" if manifest.file_format == "Parquet" else "gzip CSV" if gzipped else "CSV"
                     raise ConfigError(
-                        f"inventory {self.url}: data file {display_key(entry.key)} cannot be read as "
-                        f"{'gzip ' if raw is not handle else ''}CSV with the manifest's fileSchema: {exc}"
+                        f"inventory {self.url}: data file {display_key(entry.key)} cannot be read as {what} with "
+                        f"the manifest's fileSchema: {exc}"
                     ) from None
 
     def pages(self, prefixes: Sequence[str], unlisted: set[str], left_out: Counter[str]) -> Iterator[list[S3Object]]:

@@ -505,3 +505,23 @@ def test_s3_urls_keep_every_character_of_the_key() -> None:
     assert adl.parse_s3_url("s3://reports/a b/#1?x/manifest.json") == ("reports", "a b/#1?x/manifest.json")
     for bad in ("reports/manifest.json", "s3://reports", "s3://reports/", "s3:///manifest.json", "s3://r/dir/"):
         assert adl.parse_s3_url(bad) is None, bad
+
+
+@pytest.mark.parametrize(
+    ("body", "file_format", "schema", "suffix", "what"),
+    [
+        (b"not gzip at all", "CSV", CURRENT_SCHEMA, ".csv.gz", "gzip CSV"),
+        (gzip.compress(b'"inv-bad","short"\n'), "CSV", CURRENT_SCHEMA, ".csv.gz", "gzip CSV"),
+        (b"PAR1 but not parquet", "Parquet", PARQUET_SCHEMA, ".parquet", "Parquet"),
+    ],
+    ids=["not-gzip", "too-few-columns", "not-parquet"],
+)
+def test_a_data_file_that_cannot_be_parsed_is_one_line_naming_it(
+    s3: S3Server, tmp_path: Path, run_cli, body: bytes, file_format: str, schema: str, suffix: str, what: str
+) -> None:
+    s3.make_bucket("inv-bad")
+    url = publish(s3, "inv-bad", [], bodies=[body], file_format=file_format, schema=schema, suffix=suffix)
+    code, _out, err = run_cli("--download-dir", str(tmp_path / "d"), *s3.args(), "--inventory", url)
+    assert code == adl.EXIT_USAGE
+    line = err.strip().splitlines()[-1]
+    assert f"data file reports/inv-bad/daily/data/part-0{suffix} cannot be read as {what} with the manifest" in line
