@@ -3099,15 +3099,23 @@ class InventoryReader:
             yield page
 
 
+def probe_for_inventory(engine: Engine, bucket: str, url: str, attempts: Callable[[str], Attempts]) -> None:
+    """Learn a bucket's region, and stop on one that does not exist. A bucket that cannot be listed is no
+    problem here: an inventory run only GETs objects, and s3:GetObject on the report and the data is all it needs
+    (a denied GET says so itself)."""
+    region, problem = probe_bucket(engine, bucket, attempts)
+    if problem is not None and problem.missing:
+        raise NoSuchBucketError(f"inventory {url}: {problem.reason}")
+    engine.set_bucket_region(bucket, region)
+
+
 def open_inventory(engine: Engine, config: Config, attempts: Callable[[str], Attempts]) -> InventoryReader:
     """The run's inventory, its manifest read and checked, and the bucket it lists agreed with --buckets."""
     assert config.inventory is not None
     reader = InventoryReader(engine, config.inventory, attempts, config.request_payer)
-    _, problems = discover_buckets(engine, [reader.bucket], attempts)
-    for problem in problems:
-        error = NoSuchBucketError if problem.missing else NothingAccessibleError
-        raise error(f"inventory {config.inventory}: {problem.reason}")
+    probe_for_inventory(engine, reader.bucket, config.inventory, attempts)
     manifest = reader.read_manifest()
+    probe_for_inventory(engine, manifest.source_bucket, config.inventory, attempts)
     others = [bucket for bucket in config.buckets if bucket != manifest.source_bucket]
     if others:  # an inventory lists one bucket: the others would silently not be downloaded
         raise ConfigError(
@@ -5461,12 +5469,12 @@ class _Run:
             self.buckets = list(dict.fromkeys(obj.bucket for obj in self.manifest_objects))
         else:
             try:
-                if self.config.inventory:
+                if self.config.inventory:  # its buckets are probed as it needs them (open_inventory)
                     self.inventory = open_inventory(self.engine, self.config, self.first_contact)
-                    names = [self.inventory.manifest.source_bucket]  # type: ignore[union-attr]
+                    self.buckets = [self.inventory.manifest.source_bucket]  # type: ignore[union-attr]
                 else:
                     names = self.config.buckets or account_buckets(self.clients.get(), self.first_contact)
-                self.buckets, self.problems = discover_buckets(self.engine, names, self.first_contact)
+                    self.buckets, self.problems = discover_buckets(self.engine, names, self.first_contact)
             except CannotConnectError as exc:
                 where, check = self.endpoint_text()
                 raise CannotConnectError(f"cannot reach S3 at {where}: {exc} ({check})") from None

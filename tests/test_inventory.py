@@ -525,3 +525,21 @@ def test_a_data_file_that_cannot_be_parsed_is_one_line_naming_it(
     assert code == adl.EXIT_USAGE
     line = err.strip().splitlines()[-1]
     assert f"data file reports/inv-bad/daily/data/part-0{suffix} cannot be read as {what} with the manifest" in line
+
+
+def test_an_inventory_run_needs_only_object_reads_and_retries_a_data_file_cut_midway(
+    s3: S3Server, proxy, tmp_path: Path, run_cli
+) -> None:
+    files = seed_bucket(s3, "inv-getonly")
+    rows = inventory_rows(s3, "inv-getonly", versioned=False)
+    assert len(csv_gzip(rows)) > 100
+    url = publish(s3, "inv-getonly", rows)
+    bucket_level = proxy.error(status=403, method=None, where=lambda request: request.path.strip("/").count("/") == 0)
+    proxy.reset(key="/data/part-0.csv.gz", after=60, times=1)  # the first GET of the data file dies after 60 B
+
+    code, _out, err = run_cli("--download-dir", str(tmp_path / "data"), "--endpoint-url", proxy.url,
+                              "--inventory", url)  # fmt: skip
+    assert code == adl.EXIT_OK, err
+    assert on_disk(tmp_path / "data" / "inv-getonly") == files
+    assert bucket_level.hits >= 2  # HEAD and listing of both buckets were refused, and did not matter
+    assert proxy.count("GET", key="/data/part-0.csv.gz") == 2
