@@ -19,9 +19,9 @@ A resume journal (``download_resume.json``) lets a re-run skip what is done and 
 the parts already on disk.
 
 The file reads top to bottom in the order data flows: errors -> config -> session/credentials -> S3 requests
-(the engines, the small-object loop) -> retries -> bucket discovery -> streaming listing -> filters -> local-path
-plan -> transfer (route_for, Transfer) -> verification -> resume journal -> progress/summary -> run guards -> the
-downloader (one _Run per run) -> manifest -> demo -> CLI.
+(the engines, the small-object loop) -> retries -> bucket discovery -> streaming listing (or an S3 Inventory
+report) -> filters -> local-path plan -> transfer (route_for, Transfer) -> verification -> resume journal ->
+progress/summary -> run guards -> the downloader (one _Run per run) -> manifest -> demo -> CLI.
 """
 
 from __future__ import annotations
