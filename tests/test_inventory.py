@@ -72,8 +72,8 @@ def publish(
     """Write manifest.json, manifest.checksum and the data files into ``destination``; returns the manifest URL."""
     try:
         server.make_bucket(destination)
-    except server.client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    except (server.client.exceptions.BucketAlreadyOwnedByYou, server.client.exceptions.BucketAlreadyExists):
+        pass  # several tests publish into one destination bucket
     base = f"reports/{source}/daily"
     if bodies is None:
         bodies = [csv_gzip(rows[index::files]) for index in range(files)]
@@ -543,3 +543,19 @@ def test_an_inventory_run_needs_only_object_reads_and_retries_a_data_file_cut_mi
     assert on_disk(tmp_path / "data" / "inv-getonly") == files
     assert bucket_level.hits >= 2  # HEAD and listing of both buckets were refused, and did not matter
     assert proxy.count("GET", key="/data/part-0.csv.gz") == 2
+
+
+def test_a_versioned_inventory_against_seaweedfs(seaweed: S3Server, tmp_path: Path, run_cli) -> None:
+    seaweed.make_bucket("inv-weed-ver")
+    seaweed.client.put_bucket_versioning(Bucket="inv-weed-ver", VersioningConfiguration={"Status": "Enabled"})
+    seaweed.put("inv-weed-ver", "a b/ü.txt", b"first")
+    seaweed.put("inv-weed-ver", "a b/ü.txt", b"second")
+    seaweed.put("inv-weed-ver", "deleted.txt", b"gone")
+    seaweed.client.delete_object(Bucket="inv-weed-ver", Key="deleted.txt")
+    rows = inventory_rows(seaweed, "inv-weed-ver", versioned=True)
+    url = publish(seaweed, "inv-weed-ver", rows, schema=VERSIONED_SCHEMA, destination="inv-weed-reports")
+    seaweed.put("inv-weed-ver", "a b/ü.txt", b"third, after the inventory")
+    code, summary, err = run_json(run_cli, seaweed, tmp_path, "--inventory", url)
+    assert code == adl.EXIT_OK, err
+    assert on_disk(tmp_path / "data" / "inv-weed-ver") == {"a b/ü.txt": b"second"}  # the inventory's version
+    assert summary["filtered_out_by_rule"] == {"delete marker": 1, "noncurrent version": 2}
