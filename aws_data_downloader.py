@@ -2963,7 +2963,9 @@ class InventoryReader:
     """Reads one inventory report through the run's engine: the same addressing, signing, region and retries as
     every other request, and the same credentials (the destination bucket may be another bucket)."""
 
-    def __init__(self, engine: Engine, url: str, attempts: Callable[[str], Attempts], request_payer: str | None):
+    def __init__(
+        self, engine: Engine, url: str, attempts: Callable[[str], Attempts], request_payer: str | None
+    ) -> None:
         self.engine = engine
         self.url = url
         self.attempts = attempts
