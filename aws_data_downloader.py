@@ -19,9 +19,9 @@ A resume journal (``download_resume.json``) lets a re-run skip what is done and 
 the parts already on disk.
 
 The file reads top to bottom in the order data flows: errors -> config -> session/credentials -> S3 requests
-(the engines, the small-object loop) -> retries -> bucket discovery -> streaming listing -> filters -> local-path
-plan -> transfer (route_for, Transfer) -> verification -> resume journal -> progress/summary -> run guards -> the
-downloader (one _Run per run) -> manifest -> demo -> CLI.
+(the engines, the small-object loop) -> retries -> bucket discovery -> streaming listing (or an S3 Inventory
+report) -> filters -> local-path plan -> transfer (route_for, Transfer) -> verification -> resume journal ->
+progress/summary -> run guards -> the downloader (one _Run per run) -> manifest -> demo -> CLI.
 """
 
 from __future__ import annotations
@@ -355,6 +355,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_file", "str", "aws_downloader.log", "Log file the CLI writes (empty: none).", "--log-file"),
     Option("manifest", "str", None, "Write one JSON line per selected object here.", "--manifest", nullable=True),
     Option(
+        "inventory",
+        "str",
+        None,
+        "Take the listing from this S3 Inventory report (s3://bucket/path/manifest.json, CSV or Parquet) instead "
+        "of listing the bucket; prefixes, filters and shard apply to its rows.",
+        "--inventory",
+        nullable=True,
+    ),
+    Option(
+        "inventory_fetch_changed",
+        "bool",
+        False,
+        "Objects changed since the inventory are fetched as they are now, instead of failing as changed.",
+        "--inventory-fetch-changed",
+    ),
+    Option(
         "shard",
         "str",
         None,
@@ -461,6 +477,8 @@ class Config:
     resume_file: str = "download_resume.json"
     log_file: str = "aws_downloader.log"
     manifest: str | None = None
+    inventory: str | None = None
+    inventory_fetch_changed: bool = False
     shard: str | None = None
     as_of: str | None = None  #: ISO 8601 with its zone, as check_value normalised it
     delete: bool = False
@@ -682,6 +700,11 @@ def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
     if config.shard is not None:
         # fail early on a malformed value; 'auto' is resolved at run time
         parse_shard(config.shard, {}, name("shard"))
+    if config.inventory is not None and parse_s3_url(config.inventory) is None:
+        raise ConfigError(
+            f"{name('inventory')} must be the s3:// URL of an inventory's manifest.json "
+            f"(s3://bucket/path/manifest.json), got {config.inventory!r}"
+        )
     if config.endpoint_url:
         problem = endpoint_url_problem(config.endpoint_url)
         if problem:
@@ -3024,6 +3047,377 @@ def require_versioning(engine: Engine, bucket: str, attempts: Callable[[str], At
 
 
 ###############################################################################
+# Inventory listing
+###############################################################################
+# --inventory takes the listing from an S3 Inventory report instead of ListObjectsV2: for a bucket of millions of
+# keys, a few GETs of its data files replace thousands of listing pages. The report is laid out as the S3 user
+# guide documents it: manifest.json (sourceBucket, destinationBucket, fileFormat, fileSchema, and its data files
+# with their MD5s), manifest.checksum (the MD5 of manifest.json), and the data files, all in the destination
+# bucket. Each data file is fetched whole into a temporary file and its MD5 checked before one of its rows is read
+# (an MD5 is known only at a file's end), so a damaged file mixes nothing into the run; its rows then stream out
+# a page at a time, so memory stays flat however large the inventory is.
+
+#: Objects per page an inventory yields: a listing page's worth, so the workers start as soon as with a listing.
+INVENTORY_PAGE = 1000
+#: The failure reason of an object whose ETag no longer matches the inventory's (If-Match failed).
+CHANGED_SINCE_INVENTORY = "changed since the inventory"
+#: The note on an object that changed since the inventory and was fetched as it is now (inventory_fetch_changed).
+CHANGED_FETCHED = "changed since the inventory; fetched as it is now"
+#: The failure reason of an object (or version) the inventory lists and the bucket no longer has.
+MISSING_SINCE_INVENTORY = "missing since the inventory"
+#: Fields a run cannot do without: sizes plan the disk and the parts, ETags verify the bytes and detect changes.
+INVENTORY_NEEDED_FIELDS = ("key", "size", "etag", "lastmodifieddate")
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryFile:
+    """One data file of an inventory, as its manifest lists it."""
+
+    key: str  #: in the destination bucket
+    size: int
+    md5: str  #: hex, lower-case
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryManifest:
+    """What manifest.json says about one inventory report."""
+
+    url: str  #: the manifest as the user named it
+    source_bucket: str  #: the bucket the inventory lists: the one objects are fetched from
+    destination_bucket: str  #: where the manifest and the data files are
+    file_format: str  #: "CSV", "Parquet" or "ORC"
+    #: fileSchema's field names, normalised by inventory_field: for CSV, the columns in order.
+    fields: tuple[str, ...]
+    files: tuple[InventoryFile, ...]
+
+
+def parse_s3_url(url: str) -> tuple[str, str] | None:
+    """(bucket, key) of 's3://bucket/key', or None when ``url`` is not one. Split by hand, not by urlsplit: a key
+    may hold '#' or '?', which are no fragment or query here, as in aws-cli's s3:// paths."""
+    if not url.startswith("s3://"):
+        return None
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        return None
+    return bucket, key
+
+
+def inventory_field(name: str) -> str:
+    """One spelling for a field in every format: CSV's fileSchema says 'LastModifiedDate' and 'ETag', Parquet's
+    columns 'last_modified_date' and 'e_tag'."""
+    return name.strip().replace("_", "").lower()
+
+
+def parse_inventory_manifest(text: bytes, url: str) -> InventoryManifest:
+    """manifest.json -> InventoryManifest; a ConfigError naming the URL for anything this run cannot use."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"inventory {url}: {what}")
+
+    try:
+        data = json.loads(text)
+        source = str(data["sourceBucket"])
+        destination = str(data["destinationBucket"]).removeprefix("arn:aws:s3:::")
+        file_format = str(data["fileFormat"])
+        schema = str(data["fileSchema"])
+        files = tuple(
+            InventoryFile(str(entry["key"]), int(entry["size"]), str(entry["MD5checksum"]).lower())
+            for entry in data["files"]
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise bad(
+            "not an S3 Inventory manifest.json (needs sourceBucket, destinationBucket, fileFormat, "
+            "fileSchema and files)"
+        ) from None
+    file_format = {"CSV": "CSV", "PARQUET": "Parquet", "ORC": "ORC"}.get(file_format.upper(), file_format)
+    if file_format == "ORC":
+        raise bad("ORC inventories are not supported; configure the inventory as CSV or Parquet")
+    if file_format not in ("CSV", "Parquet"):
+        raise bad(f"unknown fileFormat {file_format!r} (CSV or Parquet)")
+    # a Parquet schema is a 'message s3.inventory { required binary bucket (UTF8); ... }' text: each field's name
+    # is the last word before its annotation
+    declarations = (piece.split("(")[0].split() for piece in schema.partition("{")[2].split(";"))
+    parquet_names = [words[-1] for words in declarations if words and words[-1].isidentifier()]
+    names = parquet_names if file_format == "Parquet" else schema.split(",")
+    fields = tuple(inventory_field(name) for name in names)
+    missing = [name for name in INVENTORY_NEEDED_FIELDS if name not in fields]
+    if missing:
+        spelled = {"key": "Key", "size": "Size", "etag": "ETag", "lastmodifieddate": "LastModifiedDate"}
+        raise bad(
+            f"the inventory has no {', '.join(spelled[m] for m in missing)} field; add "
+            f"{'it' if len(missing) == 1 else 'them'} to the inventory configuration's optional fields"
+        )
+    return InventoryManifest(url, source, destination, file_format, fields, files)
+
+
+def inventory_objects_csv(
+    lines: Iterable[str], manifest: InventoryManifest, left_out: Counter[str]
+) -> Iterator[S3Object]:
+    """The objects of one CSV data file's rows: no header, every field quoted, keys URL-encoded (as the guide
+    says; unquote_plus, as for a url-encoded listing, since a '+' in a key is stored as %2B).
+
+    Only objects as they were at the inventory's time are kept: a delete marker, or a version that was not the
+    latest, is counted in ``left_out`` instead (a versioned inventory lists every version of every key).
+    """
+    import csv
+
+    column = {name: index for index, name in enumerate(manifest.fields)}
+    key_at, size_at, etag_at, date_at = (column[name] for name in INVENTORY_NEEDED_FIELDS)
+    version_at, latest_at = column.get("versionid"), column.get("islatest")
+    marker_at, class_at = column.get("isdeletemarker"), column.get("storageclass")
+    bucket, unquote, timestamp = manifest.source_bucket, urllib.parse.unquote_plus, parse_s3_timestamp
+    # Decoding is most of a row's cost (~4 us of ~7): keys share their folders, so each folder is decoded once.
+    folders: dict[str, str] = {}
+    for row in csv.reader(lines):
+        if marker_at is not None and row[marker_at] == "true":
+            left_out["delete marker"] += 1
+            continue
+        if latest_at is not None and row[latest_at] == "false":
+            left_out["noncurrent version"] += 1
+            continue
+        folder, slash, name = row[key_at].rpartition("/")
+        decoded = folders.get(folder)
+        if decoded is None:
+            if len(folders) > 100_000:  # flat memory, whatever the layout
+                folders.clear()
+            decoded = folders[folder] = unquote(folder)
+        key = decoded + slash + (unquote(name) if "%" in name or "+" in name else name)
+        size = int(row[size_at] or 0)
+        if is_folder_marker(key, size):
+            continue
+        version = row[version_at] if version_at is not None else ""
+        yield S3Object(
+            bucket,
+            key,
+            size,
+            row[etag_at].strip('"'),
+            timestamp(row[date_at]) if row[date_at] else 0.0,
+            (row[class_at] if class_at is not None else "") or "STANDARD",
+            version if version and version != "null" else None,
+        )
+
+
+def inventory_objects_parquet(source: Any, manifest: InventoryManifest, left_out: Counter[str]) -> Iterator[S3Object]:
+    """The objects of one Parquet data file, as inventory_objects_csv keeps them; keys are stored as they are.
+
+    pyarrow is optional: only a Parquet inventory needs it, and it is read a batch at a time."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ConfigError(
+            f"inventory {manifest.url} is in Parquet, which needs pyarrow: pip install pyarrow "
+            "(or configure the inventory as CSV)"
+        ) from None
+    parquet = pyarrow.parquet.ParquetFile(source)
+    names = {inventory_field(name): name for name in parquet.schema_arrow.names}
+    wanted = ("key", "size", "etag", "lastmodifieddate", "versionid", "islatest", "isdeletemarker", "storageclass")
+    bucket = manifest.source_bucket
+    for batch in parquet.iter_batches(batch_size=INVENTORY_PAGE, columns=[names[n] for n in wanted if n in names]):
+        table = batch.to_pydict()
+        rows = len(batch)
+        column = {name: table[names[name]] if name in names else [None] * rows for name in wanted}
+        for key, size, etag, modified, version, latest, marker, storage in zip(*column.values(), strict=True):
+            if marker:
+                left_out["delete marker"] += 1
+                continue
+            if latest is False:
+                left_out["noncurrent version"] += 1
+                continue
+            size = int(size or 0)
+            if is_folder_marker(key, size):
+                continue
+            if isinstance(modified, datetime.datetime):
+                modified = modified.replace(tzinfo=modified.tzinfo or datetime.timezone.utc).timestamp()
+            elif isinstance(modified, str):
+                modified = parse_s3_timestamp(modified)
+            yield S3Object(
+                bucket,
+                key,
+                size,
+                str(etag or "").strip('"'),
+                float(modified or 0.0),
+                storage or "STANDARD",
+                version if version and version != "null" else None,
+            )
+
+
+class InventoryReader:
+    """Reads one inventory report through the run's engine: the same addressing, signing, region and retries as
+    every other request, and the same credentials (the destination bucket may be another bucket)."""
+
+    def __init__(
+        self, engine: Engine, url: str, attempts: Callable[[str], Attempts], request_payer: str | None
+    ) -> None:
+        self.engine = engine
+        self.url = url
+        self.attempts = attempts
+        self.request_payer = request_payer
+        bucket, key = parse_s3_url(url) or ("", "")
+        self.bucket, self.key = bucket, key
+        self.manifest: InventoryManifest | None = None
+
+    def _get(self, bucket: str, key: str, sink: Callable[[bytes], object]) -> None:
+        """One whole object, its chunks handed to ``sink``; ``sink`` is called again from the start on a retry."""
+        obj = S3Object(bucket, key, 0, "", 0.0)
+        request = object_request(obj, request_payer=self.request_payer)
+
+        def fetch() -> None:
+            response = self.engine.get(obj, request)
+            try:
+                sink(b"")  # a retry starts the sink over
+                while chunk := response.read(1 * MiB):
+                    sink(chunk)
+            finally:
+                response.close()
+
+        try:
+            self.attempts(f"inventory file s3://{bucket}/{display_key(key)}").call(fetch)
+        except S3Error as exc:
+            where = f"inventory {self.url}" + ("" if key == self.key else f": s3://{bucket}/{display_key(key)}")
+            if is_missing(exc.status, exc.code):
+                raise ConfigError(f"{where}: no such object (check the manifest's URL)") from None
+            if is_denied(exc.status, exc.code):
+                raise NothingAccessibleError(f"{where}: Access Denied") from None
+            raise DownloaderError(f"{where}: {exc}") from None
+        except (DownloaderError, Interrupted):
+            raise
+        except Exception as exc:
+            raise unreachable(exc, f"reading inventory {self.url} failed") from None
+
+    def _get_bytes(self, bucket: str, key: str) -> bytes:
+        chunks: list[bytes] = []
+
+        def sink(chunk: bytes) -> None:
+            if not chunk:
+                chunks.clear()
+            chunks.append(chunk)
+
+        self._get(bucket, key, sink)
+        return b"".join(chunks)
+
+    def read_manifest(self) -> InventoryManifest:
+        """manifest.json, checked against manifest.checksum beside it when the report has one."""
+        text = self._get_bytes(self.bucket, self.key)
+        checksum_key = self.key.rsplit("/", 1)[0] + "/manifest.checksum" if "/" in self.key else "manifest.checksum"
+        try:
+            expected = self._get_bytes(self.bucket, checksum_key).decode("ascii", "replace").strip().lower()
+        except ConfigError:  # no manifest.checksum: an inventory copied without it still has the files' MD5s
+            log.warning(
+                "inventory %s has no manifest.checksum beside it; its data files' MD5s are still checked", self.url
+            )
+        else:
+            actual = hashlib.md5(text, usedforsecurity=False).hexdigest()
+            if expected != actual:
+                raise ConfigError(
+                    f"inventory {self.url}: manifest.json does not match manifest.checksum (MD5 {actual}, expected "
+                    f"{expected}): the inventory is damaged or still being written"
+                )
+        self.manifest = parse_inventory_manifest(text, self.url)
+        return self.manifest
+
+    def _fetch_file(self, entry: InventoryFile, handle: Any) -> None:
+        """A data file into ``handle``, its MD5 checked against the manifest's before anything reads it."""
+        md5 = hashlib.md5(usedforsecurity=False)
+
+        def sink(chunk: bytes) -> None:
+            nonlocal md5
+            if not chunk:
+                handle.seek(0)
+                handle.truncate()
+                md5 = hashlib.md5(usedforsecurity=False)
+                return
+            handle.write(chunk)
+            md5.update(chunk)
+
+        assert self.manifest is not None
+        self._get(self.manifest.destination_bucket, entry.key, sink)
+        handle.flush()
+        if md5.hexdigest() != entry.md5:
+            raise ConfigError(
+                f"inventory {self.url}: data file s3://{self.manifest.destination_bucket}/{display_key(entry.key)} "
+                f"has MD5 {md5.hexdigest()}, the manifest says {entry.md5}: the inventory is damaged; none of that "
+                "file's rows were used"
+            )
+
+    def objects(self, left_out: Counter[str]) -> Iterator[S3Object]:
+        """Every object the inventory lists as current, data file by data file (one on local disk at a time)."""
+        import gzip
+        import io
+        import tempfile
+
+        manifest = self.manifest or self.read_manifest()
+        for entry in manifest.files:
+            with tempfile.TemporaryFile(prefix="adl-inventory-") as handle:
+                self._fetch_file(entry, handle)
+                handle.seek(0)
+                gzipped = manifest.file_format == "CSV" and entry.key.endswith(".gz")
+                try:
+                    if manifest.file_format == "Parquet":
+                        yield from inventory_objects_parquet(handle, manifest, left_out)
+                    else:
+                        raw = gzip.GzipFile(fileobj=handle) if gzipped else handle
+                        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                        yield from inventory_objects_csv(text, manifest, left_out)
+                except (OSError, EOFError, UnicodeDecodeError, IndexError, ValueError) as exc:  # pyarrow's: the same
+                    what = "Parquet" if manifest.file_format == "Parquet" else "gzip CSV" if gzipped else "CSV"
+                    raise ConfigError(
+                        f"inventory {self.url}: data file {display_key(entry.key)} cannot be read as {what} with "
+                        f"the manifest's fileSchema: {exc}"
+                    ) from None
+
+    def pages(self, prefixes: Sequence[str], unlisted: set[str], left_out: Counter[str]) -> Iterator[list[S3Object]]:
+        """The inventory's objects under ``prefixes`` (all when empty), a page at a time; ``unlisted`` loses each
+        prefix given as soon as an object under it is seen, as for a listing."""
+        wanted = tuple(prefixes)
+        page: list[S3Object] = []
+        for obj in self.objects(left_out):
+            if wanted and not obj.key.startswith(wanted):
+                continue
+            if unlisted:
+                unlisted -= {given for given in unlisted if obj.key.startswith(given)}
+            page.append(obj)
+            if len(page) >= INVENTORY_PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+
+def probe_for_inventory(engine: Engine, bucket: str, url: str, attempts: Callable[[str], Attempts]) -> None:
+    """Learn a bucket's region, and stop on one that does not exist. A bucket that cannot be listed is no
+    problem here: an inventory run only GETs objects, and s3:GetObject on the report and the data is all it needs
+    (a denied GET says so itself)."""
+    region, problem = probe_bucket(engine, bucket, attempts)
+    if problem is not None and problem.missing:
+        raise NoSuchBucketError(f"inventory {url}: {problem.reason}")
+    engine.set_bucket_region(bucket, region)
+
+
+def open_inventory(engine: Engine, config: Config, attempts: Callable[[str], Attempts]) -> InventoryReader:
+    """The run's inventory, its manifest read and checked, and the bucket it lists agreed with --buckets."""
+    assert config.inventory is not None
+    reader = InventoryReader(engine, config.inventory, attempts, config.request_payer)
+    probe_for_inventory(engine, reader.bucket, config.inventory, attempts)
+    manifest = reader.read_manifest()
+    probe_for_inventory(engine, manifest.source_bucket, config.inventory, attempts)
+    others = [bucket for bucket in config.buckets if bucket != manifest.source_bucket]
+    if others:  # an inventory lists one bucket: the others would silently not be downloaded
+        raise ConfigError(
+            f"inventory {config.inventory} lists bucket '{manifest.source_bucket}' only, and the buckets given "
+            f"name {', '.join(repr(b) for b in others)}; drop --buckets or name just that bucket"
+        )
+    log.info(
+        "Inventory %s: bucket %s, %s, %d data file%s",
+        config.inventory,
+        manifest.source_bucket,
+        manifest.file_format,
+        len(manifest.files),
+        "" if len(manifest.files) == 1 else "s",
+    )
+    return reader
+
+
+###############################################################################
 # Filters
 ###############################################################################
 # Pure functions: what to keep is decided from the listing alone, before any local or network I/O.
@@ -3466,6 +3860,7 @@ class Transfer:
         root: Path,
         pinned: bool = False,
         halt: Callable[[str], None] | None = None,
+        inventory: bool = False,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -3485,6 +3880,8 @@ class Transfer:
         self.root = root
         #: Set for --from-manifest runs: an object whose ETag changed fails instead of being fetched anew.
         self.pinned = pinned
+        #: Set for --inventory runs: a changed or gone object is reported as changed or missing since the inventory.
+        self.inventory = inventory
         #: Version ids named by GET responses (listings carry none), so the journal and manifest can pin them.
         self._versions: dict[tuple[str, str], str] = {}
         #: The route each object in flight took (route_for's path, after its HEAD), for its result.
@@ -3523,7 +3920,8 @@ class Transfer:
                 self._ensure_parent(target)
                 checksum, fetched = self._fetch(obj, target, pending)
                 obj = self._take_version(obj)
-                return DownloadResult(obj, "downloaded", "", str(target), checksum, fetched, restarts.failures + 1)
+                note = CHANGED_FETCHED if changes and self.inventory else ""
+                return DownloadResult(obj, "downloaded", note, str(target), checksum, fetched, restarts.failures + 1)
             except ChecksumMismatch as exc:
                 self._discard_partial(obj, target)
                 if exc.kept:
@@ -3550,12 +3948,16 @@ class Transfer:
         if self.stop.is_set():  # the stop shut its socket, or it failed while the run was ending
             return DownloadResult(obj, "interrupted", "stopped", attempts=attempts)
         log.debug("%s failed after %d attempt(s)", self._what(obj), attempts, exc_info=exc)
-        return DownloadResult(obj, "failed", failure_reason(exc), attempts=attempts)
+        gone = self.inventory and isinstance(exc, S3Error) and is_missing(exc.status, exc.code)
+        return DownloadResult(
+            obj, "failed", MISSING_SINCE_INVENTORY if gone else failure_reason(exc), attempts=attempts
+        )
 
     def _new_version(self, obj: S3Object, changes: int) -> tuple[S3Object, DownloadResult | None]:
         """The object was replaced mid-download: fetch the new version, unless the run is pinned to the old one."""
         if self.pinned:
-            return obj, DownloadResult(obj, "failed", "etag no longer matches the manifest")
+            reason = CHANGED_SINCE_INVENTORY if self.inventory else "etag no longer matches the manifest"
+            return obj, DownloadResult(obj, "failed", reason)
         if changes > self.config.retry_attempts:
             return obj, DownloadResult(obj, "failed", failure_reason(ObjectChanged()))
         try:
@@ -3565,8 +3967,9 @@ class Transfer:
         except (Interrupted, DiskFull):
             raise
         except Exception as exc:  # deleted in between, denied, ...
-            return obj, DownloadResult(obj, "failed", failure_reason(exc))
-        log.info("%s changed since it was listed; fetching the new version", self._what(obj))
+            return obj, self._failed(obj, exc, changes)
+        since = "the inventory" if self.inventory else "it was listed"
+        log.info("%s changed since %s; fetching the new version", self._what(obj), since)
         return object_from_head(obj, headers), None
 
     @staticmethod
@@ -4841,6 +5244,14 @@ class DownloadSummary:
     verify_local: bool = False
     #: The local files that differ (reason: how) or are missing (reason: "missing locally").
     local_problems: tuple[FailedObject, ...] = ()
+    #: The inventory report the listing came from (--inventory), or None.
+    inventory: str | None = None
+    #: Objects whose ETag no longer matched the inventory's, all of them, and those of them fetched as they are
+    #: now (inventory_fetch_changed); the others failed as CHANGED_SINCE_INVENTORY.
+    changed_since_inventory: int = 0
+    changed_fetched: int = 0
+    #: Objects (or versions) the inventory lists that the bucket no longer has.
+    missing_since_inventory: int = 0
 
     @property
     def stopped_early(self) -> bool:
@@ -4945,6 +5356,13 @@ class DownloadSummary:
             "verify_local": self.verify_local,
             **self.local_check_counts(),
         }
+        if self.inventory is not None:
+            data.update(
+                inventory=self.inventory,
+                changed_since_inventory=self.changed_since_inventory,
+                changed_since_inventory_fetched=self.changed_fetched,
+                missing_since_inventory=self.missing_since_inventory,
+            )
         if self.dry_run:  # nothing was fetched: what would be, under its own keys; no speed, no success rate
             renamed = {"downloaded": "would_download", "deleted": "would_delete"}
             data = {renamed.get(key, key): value for key, value in data.items()}
@@ -5060,6 +5478,7 @@ class DownloadSummary:
                 lines.append(f"  {display_key(reason)} ({len(items):,}): {examples}{more}")
         for problem in self.bucket_problems:
             lines.append(f"Bucket not downloaded: {problem.reason}")
+        lines += self._inventory_lines()
         for place in self.nothing_under:
             lines.append(f"No objects under {place}")
         if self.delete_refused is not None:
@@ -5069,6 +5488,23 @@ class DownloadSummary:
         if self.stopped_reason:
             lines.append(f"Stopped: {self.stopped_reason}")
         return "\n".join(lines)
+
+    def _inventory_lines(self) -> list[str]:
+        """What differs between the inventory and the bucket now: never mixed in silently."""
+        if self.inventory is None:
+            return []
+        lines = [f"Inventory: {self.inventory}"]
+        changed, fetched = self.changed_since_inventory, self.changed_fetched
+        if changed:
+            how = (
+                f"{fetched:,} fetched as they are now"
+                if fetched
+                else "not fetched; --inventory-fetch-changed fetches them as they are now"
+            )
+            lines.append(f"Changed since the inventory: {changed:,} ({how})")
+        if self.missing_since_inventory:
+            lines.append(f"Missing since the inventory: {self.missing_since_inventory:,}")
+        return lines
 
 
 def filtered_text(filtered: Mapping[str, int]) -> str:
@@ -5130,6 +5566,8 @@ class Tally:
         self.local_checks: Counter[str] = Counter()
         self.replaced = 0
         self.local_problems: list[FailedObject] = []
+        #: Downloaded objects with a note on how (CHANGED_FETCHED), by note.
+        self.notes: Counter[str] = Counter()
 
     def add_selected(self, sizes: Iterable[int]) -> None:
         """Objects of a listing page the filters kept."""
@@ -5156,6 +5594,8 @@ class Tally:
             if result.status == "downloaded":
                 self.downloaded += 1
                 self.downloaded_bytes += result.obj.size
+                if result.reason:
+                    self.notes[result.reason] += 1
             elif result.status == "skipped":
                 self.skipped += 1
                 self.skipped_bytes += 0 if result.local_check else result.obj.size
@@ -5550,8 +5990,10 @@ class _Workers:
             run.stop,
             run.tally.add_bytes,
             root=run.root,
-            pinned=run.manifest_objects is not None,
+            pinned=run.manifest_objects is not None
+            or (run.inventory is not None and not config.inventory_fetch_changed),
             halt=run.halt,
+            inventory=run.inventory is not None,
         )
         #: Objects handed to the threads and not finished yet: bounded, so listing never runs far ahead.
         self.in_flight = threading.BoundedSemaphore(workers * 4)
@@ -5722,6 +6164,8 @@ class _Run:
     delete_refused: str | None = None
     #: --verify-local: hash every local file against S3, download nothing, write nothing but the log.
     verify_local: bool = False
+    #: The inventory report the listing comes from (--inventory); None for a run that lists its buckets.
+    inventory: InventoryReader | None = None
 
     def execute(self) -> DownloadSummary:
         """discover -> plan pages -> reserve disk -> dispatch -> finish."""
@@ -5788,8 +6232,12 @@ class _Run:
             self.buckets = list(dict.fromkeys(obj.bucket for obj in self.manifest_objects))
         else:
             try:
-                names = self.config.buckets or account_buckets(self.clients.get(), self.first_contact)
-                self.buckets, self.problems = discover_buckets(self.engine, names, self.first_contact)
+                if self.config.inventory:  # its buckets are probed as it needs them (open_inventory)
+                    self.inventory = open_inventory(self.engine, self.config, self.first_contact)
+                    self.buckets = [self.inventory.manifest.source_bucket]  # type: ignore[union-attr]
+                else:
+                    names = self.config.buckets or account_buckets(self.clients.get(), self.first_contact)
+                    self.buckets, self.problems = discover_buckets(self.engine, names, self.first_contact)
             except CannotConnectError as exc:
                 where, check = self.endpoint_text()
                 raise CannotConnectError(f"cannot reach S3 at {where}: {exc} ({check})") from None
@@ -5838,6 +6286,12 @@ class _Run:
             return
         for bucket in self.buckets:
             unlisted = self.unlisted[bucket] = set(self.config.prefixes or [""])
+            if self.inventory is not None:  # its rows stand in for the listing: one bucket, filtered by prefix
+                try:
+                    yield from self.inventory.pages(self.config.prefixes, unlisted, self.tally.filtered)
+                except Interrupted:  # stopped while a data file was fetched
+                    return
+                continue
             try:
                 for prefix in collapse_prefixes(self.config.prefixes):
                     for page in self.listing(bucket, prefix):
@@ -5956,7 +6410,7 @@ class _Run:
         """The places given that listed no object: each named bucket/prefix, or a prefix no bucket has."""
         if not self.listed_all or self.manifest_objects is not None:
             return []
-        if self.config.buckets:
+        if self.config.buckets or self.inventory is not None:
             return [f"s3://{b}/{display_key(p)}" for b, unlisted in self.unlisted.items() for p in sorted(unlisted)]
         everywhere = set.intersection(*self.unlisted.values()) if self.unlisted else set()
         count = len(self.unlisted)
@@ -6137,6 +6591,10 @@ class _Run:
             replaced=tally.replaced,
             verify_local=self.verify_local,
             local_problems=tuple(tally.local_problems),
+            inventory=self.config.inventory if self.inventory is not None else None,
+            changed_since_inventory=tally.failure_counts[CHANGED_SINCE_INVENTORY] + tally.notes[CHANGED_FETCHED],
+            changed_fetched=tally.notes[CHANGED_FETCHED],
+            missing_since_inventory=tally.failure_counts[MISSING_SINCE_INVENTORY],
         )
 
 
@@ -6227,6 +6685,8 @@ class AWSDataDownloader:
                 "--delete cannot be used with --from-manifest: a manifest run lists nothing, so it cannot know "
                 "which local files are gone from the bucket"
             )
+        if from_manifest is not None and config.inventory:
+            raise ConfigError("--from-manifest and --inventory both say what to fetch; give one of them")
         manifest_objects = read_manifest(from_manifest) if from_manifest is not None else None
         writes = not dry_run and not verify_local
         if writes:
