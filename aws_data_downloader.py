@@ -6687,6 +6687,10 @@ class AWSDataDownloader:
             )
         if from_manifest is not None and config.inventory:
             raise ConfigError("--from-manifest and --inventory both say what to fetch; give one of them")
+        if config.as_of and config.inventory:
+            raise ConfigError(
+                "--as-of and --inventory both say which versions to fetch (an inventory pins its own); give one of them"
+            )
         manifest_objects = read_manifest(from_manifest) if from_manifest is not None else None
         writes = not dry_run and not verify_local
         if writes:

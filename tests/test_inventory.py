@@ -379,6 +379,9 @@ def test_bad_inventory_urls_and_missing_manifests_are_usage_errors_in_the_users_
     code, _out, err = run_cli("--download-dir", str(tmp_path / "d"), *s3.args(), "--inventory",
                              "s3://inv-empty/x/manifest.json", "--from-manifest", str(manifest))  # fmt: skip
     assert code == adl.EXIT_USAGE and "--from-manifest and --inventory" in err
+    code, _out, err = run_cli("--download-dir", str(tmp_path / "d"), *s3.args(), "--inventory",
+                             "s3://inv-empty/x/manifest.json", "--as-of", "2026-01-01T00:00:00Z")  # fmt: skip
+    assert code == adl.EXIT_USAGE and "--as-of and --inventory both say which versions" in err
 
 
 def test_an_orc_inventory_is_refused_in_one_line(s3: S3Server, tmp_path: Path, run_cli) -> None:
