@@ -26,7 +26,8 @@ BUCKET = "secret-data"
 def make_secrets() -> tuple[str, str, str]:
     """An access key id, a secret key and a session token shaped like AWS's ('/', '+' and '=' included)."""
     access_key = "AKIA" + "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(16))
-    secret_key = secrets.token_urlsafe(22)[:28] + "/Ab+cD/" + secrets.token_hex(3)[:5]
+    # A first '-' would read as a flag (argparse); AWS secrets are base64, which has no '-'.
+    secret_key = "w" + secrets.token_urlsafe(22)[:27] + "/Ab+cD/" + secrets.token_hex(3)[:5]
     token = "FwoGZXIvYXdzE" + secrets.token_urlsafe(60) + "/+/" + secrets.token_hex(20) + "=="
     return access_key, secret_key, token
 
