@@ -6198,7 +6198,7 @@ class _Run:
         self.filters = Filters() if manifest_run else Filters.from_config(config)
         #: --as-of as seconds since the epoch (not for a manifest run, whose versions are recorded).
         self.as_of = parse_as_of(config.as_of) if config.as_of and not manifest_run else None
-        if config.delete and not manifest_run:
+        if config.delete and not manifest_run and not self.verify_local:  # --verify-local writes nothing
             self.mirror = Mirror(self.root, self.filters, self.root / config.resume_file, self.own_files)
         session = make_session(config, self.credentials, self.redactor)
         if self.credentials.access_key:

@@ -305,6 +305,20 @@ def test_verify_local_on_an_intact_copy_exits_0_and_downloads_nothing(
     assert resume.read_bytes() == before and not resume.with_name(resume.name + ".journal").exists()
 
 
+def test_verify_local_deletes_nothing_even_with_delete_on(
+    s3: S3Server, proxy: FaultProxy, tmp_path: Path, run_cli
+) -> None:
+    """A config with `delete: true` (a nightly mirror's) must not turn a check of the copy into a deletion."""
+    seed_and_download(s3, proxy, tmp_path, run_cli)
+    stray = place(tmp_path, "dir/no-longer-listed.bin", b"stray")
+
+    code, summary, err = cli(run_cli, proxy, tmp_path, "--verify-local", "--delete")
+
+    assert code == adl.EXIT_OK, err
+    assert stray.read_bytes() == b"stray"
+    assert summary["intact"] == 4 and summary["deleted"] is None
+
+
 def test_verify_local_lists_a_flipped_byte_and_a_missing_file_and_exits_1(
     s3: S3Server, proxy: FaultProxy, tmp_path: Path, run_cli
 ) -> None:
