@@ -112,7 +112,7 @@ EXIT_FAILED = 1  #: some objects failed; the rest are done
 EXIT_USAGE = 2  #: bad command line, config, or download directory
 EXIT_CREDENTIALS = 3  #: credentials rejected, or nothing accessible
 EXIT_LOCKED = 4  #: another run holds the download directory's lock
-EXIT_NO_SPACE = 5  #: not enough free disk space (before the run, or the disk filled during it)
+EXIT_NO_SPACE = 5  #: not enough free disk space (checked page by page as the listing arrives, or the disk filled)
 EXIT_NOTHING_LISTED = 6  #: a bucket given does not exist, or a bucket or prefix lists no objects (a typo?)
 EXIT_INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; a re-run continues
 
@@ -410,10 +410,10 @@ OPTIONS: tuple[Option, ...] = (
         "check_disk_space",
         "bool",
         True,
-        "Refuse to start when the bytes to fetch exceed the free space.",
+        "Stop before writing past the free space: each listing page's bytes to fetch are checked as it arrives.",
         "--ignore-disk-space",
         inverted=True,
-        flag_help="Start even when the bytes to fetch exceed the free disk space.",
+        flag_help="Download even when the bytes to fetch exceed the free disk space.",
     ),
     Option(
         "progress_interval_s",
@@ -5798,10 +5798,6 @@ def _lock_file(handle: Any) -> None:
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-#: Listing pages (of up to 1,000 objects) planned before the first download, for an exact disk-space check.
-DISK_CHECK_PAGES = 10
-
-
 class DiskBudget:
     """Tracks bytes promised to downloads against the free space measured at the start.
 
@@ -6349,13 +6345,12 @@ class _Run:
     # -- reserve disk and dispatch --------------------------------------------------------------------------
 
     def within_budget(self, pages: Iterator[tuple[list[Planned], int]]) -> Iterator[list[Planned]]:
-        """The pages whose bytes fit on the disk. The first DISK_CHECK_PAGES are planned before any download
-        starts, so a selection of up to that many pages writes nothing when it does not fit; past the free
-        space the rest are only counted, so the error can say how much is needed."""
-        head = list(itertools.islice(pages, DISK_CHECK_PAGES))
-        if not self.budget.fits(sum(need for _, need in head)):
-            self.halt("disk space")
-        for plans, need in itertools.chain(head, pages):
+        """The pages whose bytes fit on the disk, each reserved as it arrives, so the first download waits for one
+        page, not the whole listing. A selection of one page (up to 1,000 objects, or a manifest) that does not
+        fit writes nothing; a longer one writes the pages that fit and stops dispatching at the first that does
+        not, keeping every file it completes. The pages past it are only counted, so the error can say how much
+        the whole selection needs."""
+        for plans, need in pages:
             if self.stop_reason == "disk space" or not self.budget.fits(need):
                 self.needed_more += need
                 self.halt("disk space")
