@@ -18,6 +18,7 @@ tests/faultproxy.py's ``delay`` rule on the requests carrying ``list-type=2``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -34,8 +35,9 @@ import run_benchmark as bench  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 
-def first_file(directory: Path, size: int) -> bool:
-    """Whether a complete file is under ``directory``: temporary files are hidden (ours) or differently sized."""
+def first_file(directory: Path, size: int, suffix: str = ".bin") -> bool:
+    """Whether a complete file is under ``directory``: temporary files are hidden (ours) or named otherwise (s5cmd's
+    end in digits)."""
     pending = [directory]
     while pending:
         with os.scandir(pending.pop()) as entries:
@@ -44,8 +46,10 @@ def first_file(directory: Path, size: int) -> bool:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False) and entry.stat().st_size == size:
-                    return True
+                elif entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):  # a temporary file renamed meanwhile
+                        if entry.stat().st_size == size:
+                            return True
     return False
 
 
