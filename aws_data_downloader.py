@@ -76,13 +76,17 @@ T = TypeVar("T")
 def plan_object(
     obj: S3Object, root: Path, overwrite: bool, journal: ResumeJournal | NullJournal, compare: bool = False
 ) -> Planned:
-    """Place and skip-check one selected object (the filters have kept it); ``compare`` is --checksum."""
+    """Place and skip-check one selected object (the filters have kept it); ``compare`` is --checksum.
+
+    It runs once per listed key, so the target stays a string: a Path cost more than the rest of the planning
+    (measured with benchmarks/listing_cpu.py); the workers make one for the objects they fetch.
+    """
     if obj.key.endswith("/"):
         return Planned(obj, None, DownloadResult(obj, "failed", "unsafe key: folder marker with data"))
     if obj.storage_class in ARCHIVED_STORAGE_CLASSES:
         return Planned(obj, None, DownloadResult(obj, "skipped", f"archived storage class ({obj.storage_class})"))
     try:
-        target = local_path_for(root, obj.bucket, obj.key)
+        target = local_name_for(str(root), obj.bucket, obj.key)
     except UnsafeKeyError as exc:
         return Planned(obj, None, DownloadResult(obj, "failed", str(exc)))
     try:
@@ -98,7 +102,7 @@ def plan_object(
     checksum = done.checksum if done is not None else None
     if done is not None and done.version_id and not obj.version_id:
         obj = dataclasses.replace(obj, version_id=done.version_id)
-    return Planned(obj, target, DownloadResult(obj, "skipped", reason, str(target), checksum))
+    return Planned(obj, target, DownloadResult(obj, "skipped", reason, target, checksum))
 
 
 ###############################################################################
@@ -112,7 +116,7 @@ EXIT_FAILED = 1  #: some objects failed; the rest are done
 EXIT_USAGE = 2  #: bad command line, config, or download directory
 EXIT_CREDENTIALS = 3  #: credentials rejected, or nothing accessible
 EXIT_LOCKED = 4  #: another run holds the download directory's lock
-EXIT_NO_SPACE = 5  #: not enough free disk space (before the run, or the disk filled during it)
+EXIT_NO_SPACE = 5  #: not enough free disk space (checked page by page as the listing arrives, or the disk filled)
 EXIT_NOTHING_LISTED = 6  #: a bucket given does not exist, or a bucket or prefix lists no objects (a typo?)
 EXIT_INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM; a re-run continues
 
@@ -410,10 +414,10 @@ OPTIONS: tuple[Option, ...] = (
         "check_disk_space",
         "bool",
         True,
-        "Refuse to start when the bytes to fetch exceed the free space.",
+        "Stop before writing past the free space: each listing page's bytes to fetch are checked as it arrives.",
         "--ignore-disk-space",
         inverted=True,
-        flag_help="Start even when the bytes to fetch exceed the free disk space.",
+        flag_help="Download even when the bytes to fetch exceed the free disk space.",
     ),
     Option(
         "progress_interval_s",
@@ -3489,12 +3493,11 @@ def filter_reason(obj: S3Object, filters: Filters) -> str | None:
     """Why the object is left out of the selection (the rule, as the summary counts it), or None if selected."""
     if filters.shard is not None and shard_of(obj.bucket, obj.key, filters.shard[1]) != filters.shard[0]:
         return "shard"
-    lowered = obj.key.lower()
-    if filters.extensions and not lowered.endswith(filters.extensions):
+    if filters.extensions and not obj.key.lower().endswith(filters.extensions):
         return "extension"
     if filters.include and not any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.include):
         return "include"
-    if any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
+    if filters.exclude and any(fnmatch.fnmatchcase(obj.key, pattern) for pattern in filters.exclude):
         return "exclude"
     if obj.size < filters.min_size:
         return "size < min"
@@ -3527,27 +3530,65 @@ def display_key(key: str) -> str:
     return key.translate(_LINE_BREAKERS)
 
 
+#: Path separators of this OS besides "/" (Windows: "\\"): no component of a key may hold one.
+_OTHER_SEPARATORS = tuple(sep for sep in (os.sep, os.altsep) if sep and sep != "/")
+#: A component of at most this many characters is within NAME_MAX bytes (UTF-8 takes at most 4 a character).
+_SHORT_NAME = NAME_MAX // 4
+
+
 def local_path_for(download_dir: Path, bucket: str, key: str) -> Path:
     """Where ``key`` is stored: ``<download_dir>/<bucket>/<key>``, or UnsafeKeyError with the reason."""
+    return Path(local_name_for(str(download_dir), bucket, key))
+
+
+def local_name_for(download_dir: str, bucket: str, key: str) -> str:
+    """local_path_for as a string, for the planner: it places every listed key, and a Path costs more than this.
+
+    The usual key passes a few whole-key tests; one that fails any is looked at part by part for the reason.
+    """
+    parts = key.split("/")
+    if (
+        bucket
+        and key
+        and not _CONTROL_RE.search(bucket)
+        and not _CONTROL_RE.search(key)
+        and "/" not in bucket
+        and bucket not in (".", "..")
+        and "" not in parts
+        and "." not in parts
+        and ".." not in parts
+        and not any(sep in key for sep in _OTHER_SEPARATORS)
+        and (len(key) <= _SHORT_NAME or all(_fits_name_max(part) for part in parts))
+    ):
+        if os.sep != "/":
+            key = key.replace("/", os.sep)
+        return f"{download_dir.rstrip(os.sep)}{os.sep}{bucket}{os.sep}{key}"
+    raise UnsafeKeyError(unsafe_key_reason(bucket, key))
+
+
+def _fits_name_max(part: str) -> bool:
+    return len(part) <= _SHORT_NAME or len(part.encode("utf-8", "surrogatepass")) <= NAME_MAX
+
+
+def unsafe_key_reason(bucket: str, key: str) -> str:
+    """Why local_name_for refuses the key, in the order a user would fix things (bucket first, then key)."""
     for name, value in (("bucket", bucket), ("key", key)):
         if not value:
-            raise UnsafeKeyError(f"unsafe key: empty {name}")
+            return f"unsafe key: empty {name}"
         if _CONTROL_RE.search(value):
-            raise UnsafeKeyError(f"unsafe key: control character in {name}")
+            return f"unsafe key: control character in {name}"
     if "/" in bucket or bucket in (".", ".."):
-        raise UnsafeKeyError("unsafe key: bucket name is not a plain directory name")
+        return "unsafe key: bucket name is not a plain directory name"
     if key.startswith("/"):
-        raise UnsafeKeyError("unsafe key: absolute path")
-    parts = key.split("/")
-    separators = {sep for sep in (os.sep, os.altsep) if sep and sep != "/"}
-    for part in parts:
+        return "unsafe key: absolute path"
+    for part in key.split("/"):
         if part in ("", ".", ".."):
-            raise UnsafeKeyError(f"unsafe key: path component {part or '(empty)'!r}")
-        if any(sep in part for sep in separators):
-            raise UnsafeKeyError("unsafe key: path separator of this OS in a component")
-        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
-            raise UnsafeKeyError(f"unsafe key: path component longer than {NAME_MAX} bytes")
-    return download_dir.joinpath(bucket, *parts)
+            return f"unsafe key: path component {part or '(empty)'!r}"
+        if any(sep in part for sep in _OTHER_SEPARATORS):
+            return "unsafe key: path separator of this OS in a component"
+        if not _fits_name_max(part):
+            return f"unsafe key: path component longer than {NAME_MAX} bytes"
+    raise AssertionError(f"local_name_for refused a safe key: {display_key(key)!r}")  # pragma: no cover
 
 
 def temp_path_for(target: Path, key: str) -> Path:
@@ -3595,7 +3636,8 @@ class Planned:
     """An object that passed the filters, with where it goes (or why it cannot go anywhere)."""
 
     obj: S3Object
-    target: Path | None
+    #: The local file, as a string (local_name_for); None for an unsafe key.
+    target: str | None
     result: DownloadResult | None  #: set when no transfer is needed (skipped, unsafe, archived)
     #: Hash the local file and compare it with the object's checksum first (--checksum, --verify-local).
     hash_local: bool = False
@@ -5798,10 +5840,6 @@ def _lock_file(handle: Any) -> None:
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-#: Listing pages (of up to 1,000 objects) planned before the first download, for an exact disk-space check.
-DISK_CHECK_PAGES = 10
-
-
 class DiskBudget:
     """Tracks bytes promised to downloads against the free space measured at the start.
 
@@ -6034,12 +6072,13 @@ class _Workers:
         if self.run.stop.is_set():
             self.in_flight.release()
             return False
+        target = Path(planned.target)  # type: ignore[arg-type]
         if self.run.verify_local:
-            future = self.object_pool.submit(self.transfer.verify_local, planned.obj, planned.target)
+            future = self.object_pool.submit(self.transfer.verify_local, planned.obj, target)
         elif planned.hash_local:
-            future = self.object_pool.submit(self.transfer.refresh, planned.obj, planned.target, planned.fallback)
+            future = self.object_pool.submit(self.transfer.refresh, planned.obj, target, planned.fallback)
         else:
-            future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target)
+            future = self.object_pool.submit(self.transfer.download, planned.obj, target)
         future.add_done_callback(lambda done, p=planned: self._done(done, p, release=True))
         return True
 
@@ -6049,7 +6088,7 @@ class _Workers:
         """A whole body from the loop: verify and store it, or hand it to the threads as a failed first try."""
         assert planned.target is not None
         try:
-            result = self.transfer.store_small(planned.obj, planned.target, headers, body)
+            result = self.transfer.store_small(planned.obj, Path(planned.target), headers, body)
         except Exception as exc:
             self.fallback(planned, exc)
             return
@@ -6058,7 +6097,8 @@ class _Workers:
     def fallback(self, planned: Planned, failed_attempt: BaseException | None) -> None:
         """The loop hands an object over: the threads carry on from its failed attempt (None: start afresh)."""
         try:
-            future = self.object_pool.submit(self.transfer.download, planned.obj, planned.target, failed_attempt)
+            target = Path(planned.target)  # type: ignore[arg-type]
+            future = self.object_pool.submit(self.transfer.download, planned.obj, target, failed_attempt)
         except RuntimeError:  # the pool stopped taking work: the run is ending
             self.stopped(planned)
             return
@@ -6095,7 +6135,12 @@ class _Workers:
 
 
 class _DryRun:
-    """Stands in for _Workers in a dry run: each object that would be fetched is logged and counted."""
+    """Stands in for _Workers in a dry run: each object that would be fetched is logged and counted.
+
+    A page's "Would download" lines go out as one log record (``per_line``): a record per key cost more than
+    listing the key. The CLI's formatter (_LineFormatter) prefixes every line, so its output is the same as a
+    record per key; another handler (a notebook's) shows the page as one multi-line message.
+    """
 
     def __init__(self, run: _Run) -> None:
         self.run = run
@@ -6107,16 +6152,22 @@ class _DryRun:
         pass
 
     def submit(self, plans: Sequence[Planned]) -> None:
+        lines, results = [], []
         for planned in plans:
             obj = planned.obj
+            shown = f"{obj.bucket}/{display_key(obj.key)}"
             if planned.hash_local:  # a dry run reads no local file and asks S3 for no checksum
-                log.info("Would hash and compare %s/%s (--checksum)", obj.bucket, display_key(obj.key))
+                lines.append(f"Would hash and compare {shown} (--checksum)")
                 reason = "would be hashed and compared (--checksum)"
-                self.run.finished(DownloadResult(obj, "skipped", reason, str(planned.target)))
+                results.append(DownloadResult(obj, "skipped", reason, planned.target))
                 continue
             version = f", version {display_key(obj.version_id)}" if obj.version_id else ""
-            log.info("Would download %s/%s (%s%s)", obj.bucket, display_key(obj.key), format_size(obj.size), version)
-            self.run.finished(DownloadResult(obj, "downloaded", path=str(planned.target)))
+            lines.append(f"Would download {shown} ({format_size(obj.size)}{version})")
+            results.append(DownloadResult(obj, "downloaded", path=planned.target))
+        if lines:
+            log.info("%s", "\n".join(lines), extra={"per_line": True})
+        for result in results:
+            self.run.finished(result)
 
 
 @dataclass(eq=False)
@@ -6349,13 +6400,12 @@ class _Run:
     # -- reserve disk and dispatch --------------------------------------------------------------------------
 
     def within_budget(self, pages: Iterator[tuple[list[Planned], int]]) -> Iterator[list[Planned]]:
-        """The pages whose bytes fit on the disk. The first DISK_CHECK_PAGES are planned before any download
-        starts, so a selection of up to that many pages writes nothing when it does not fit; past the free
-        space the rest are only counted, so the error can say how much is needed."""
-        head = list(itertools.islice(pages, DISK_CHECK_PAGES))
-        if not self.budget.fits(sum(need for _, need in head)):
-            self.halt("disk space")
-        for plans, need in itertools.chain(head, pages):
+        """The pages whose bytes fit on the disk, each reserved as it arrives, so the first download waits for one
+        page, not the whole listing. A selection of one page (up to 1,000 objects, or a manifest) that does not
+        fit writes nothing; a longer one writes the pages that fit and stops dispatching at the first that does
+        not, keeping every file it completes. The pages past it are only counted, so the error can say how much
+        the whole selection needs."""
+        for plans, need in pages:
             if self.stop_reason == "disk space" or not self.budget.fits(need):
                 self.needed_more += need
                 self.halt("disk space")
@@ -6920,6 +6970,19 @@ LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
+class _LineFormatter(logging.Formatter):
+    """Gives each line of a ``per_line`` record (a dry run's page of "Would download" lines) the prefix a record
+    of its own would have had, so a page logged at once reads, and greps, like one line per key."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        message = record.message
+        if not getattr(record, "per_line", False) or not message or not text.endswith(message):
+            return text
+        prefix = text[: len(text) - len(message)]
+        return prefix + message.replace("\n", "\n" + prefix)
+
+
 @contextlib.contextmanager
 def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilter) -> Iterator[None]:
     """Console and file handlers for one CLI run, removed afterwards (main() may be called many times)."""
@@ -6927,7 +6990,7 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
     handlers: list[logging.Handler] = []
     console = _ConsoleHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    console.setFormatter(_LineFormatter(LOG_FORMAT, LOG_DATE_FORMAT))
     handlers.append(console)
     if log_file:
         try:
@@ -6935,7 +6998,7 @@ def cli_logging(level: int, log_file: str | None, redactor: SecretRedactingFilte
         except OSError as exc:
             raise ConfigError(f"cannot open log file {log_file}: {exc.strerror}") from None
         file_handler.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.INFO)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
+        file_handler.setFormatter(_LineFormatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
         handlers.append(file_handler)
     for handler in handlers:
         handler.addFilter(redactor)

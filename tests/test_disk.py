@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,21 +104,83 @@ def test_precheck_counts_only_what_is_left_to_fetch(
     assert objects_on_disk(download_dir) == files
 
 
-def test_precheck_refuses_before_writing_when_the_listing_has_many_pages(
-    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch, fake_engine
+def test_a_listing_of_many_pages_writes_the_pages_that_fit_then_stops_and_a_rerun_completes(
+    s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A listing of many pages (as a bucket of >1,000 objects has): the first pages are checked together."""
-    files = {f"img/{n:02d}.bin": bytes([n]) * (200 * 1024) for n in range(8)}
-    engine = fake_engine({BUCKET: files}, page_size=1)
+    """Each prefix is listed as its own page, and each page is reserved as it arrives (the first download waits
+    for one page, not for the listing): the pages that fit are downloaded, the first that does not fit stops
+    the dispatching, the rest are only counted so the error names what the whole selection needs (exit 5).
+    With the space freed, a re-run fetches only the rest."""
+    s3.make_bucket(BUCKET)
+    files = {f"p{n}/{n}.bin": bytes([n]) * (200 * KiB) for n in range(8)}
+    for key, body in files.items():
+        s3.put(BUCKET, key, body)
+    fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1 * MiB)  # room for five of the 200 KiB pages
+    download_dir = tmp_path / "data"
+    prefixes = [f"p{n}/" for n in range(8)]
+    args = ["--buckets", BUCKET, "--prefixes", *prefixes, "--download-dir", str(download_dir), *s3.args()]
+
+    code, out, err = run_cli(*args)
+    assert code == adl.EXIT_NO_SPACE, (out, err)
+    assert objects_on_disk(download_dir) == {key: files[key] for key in sorted(files)[:5]}
+    assert not list(download_dir.rglob(".adl-*.part"))
+    [line] = error_lines(err)
+    assert f"needs {adl.format_size(sum(map(len, files.values())))}" in line, line
+    assert "Stopped: not enough disk space" in out
+
+    fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1 * MiB - 5 * 200 * KiB + 3 * 200 * KiB)
+    code, out, err = run_cli(*args, "--json")
+    assert code == adl.EXIT_OK, (out, err)
+    assert (json.loads(out)["downloaded"], json.loads(out)["skipped"]) == (3, 5)
+    assert objects_on_disk(download_dir) == files
+
+
+def test_a_selection_of_one_page_that_does_not_fit_writes_nothing_from_python(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check stays exact for a selection of one listing page (up to 1,000 objects): nothing is fetched, and
+    the Python API raises DiskSpaceError carrying the summary so far."""
+    files = seed(s3)
     fake_free_space(monkeypatch, adl.DiskBudget.MARGIN + 1 * MiB)
     download_dir = tmp_path / "data"
-    code, out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
-    assert code == adl.EXIT_NO_SPACE, (out, err)
-    assert len([r for r in engine.requests if r.method == "LIST"]) == len(files), "one object per page"
-    assert engine.gets("img/00.bin") == [], "the pre-check let the first pages download"
+    downloader = adl.AWSDataDownloader(
+        {"buckets": [BUCKET], "download_dir": str(download_dir), "endpoint_url": s3.endpoint}
+    )
+    with pytest.raises(adl.DiskSpaceError, match="needs " + adl.format_size(sum(map(len, files.values())))) as caught:
+        downloader.run_full_download()
+    summary = caught.value.summary
+    assert summary is not None and (summary.downloaded, summary.total_files) == (0, len(files))
+    assert summary.stopped_reason == "not enough disk space"
     assert objects_on_disk(download_dir) == {}
-    [line] = error_lines(err)
-    assert f"needs {adl.format_size(sum(map(len, files.values())))}" in line
+
+
+def test_the_first_page_is_downloading_before_the_second_is_listed(
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch, fake_engine
+) -> None:
+    """Time to the first file is one listing page: the second page's request waits until the first page's
+    object has been asked for (under the old ten-page plan it waited for nothing and the GET came last)."""
+    files = {f"img/{n:02d}.bin": bytes([n]) * (200 * KiB) for n in range(3)}
+    engine = fake_engine({BUCKET: files}, page_size=1)
+    first_get = threading.Event()
+    order: list[str] = []
+    real_get, real_list = engine.get, engine.list_page
+
+    def get(obj, request):
+        first_get.set()
+        return real_get(obj, request)
+
+    def list_page(bucket, prefix, token, max_keys=None):
+        if token == "1":  # the second page: asked for only once the first page is being fetched
+            order.append("GET before page 2" if first_get.wait(timeout=30) else "page 2 before any GET")
+        return real_list(bucket, prefix, token, max_keys)
+
+    monkeypatch.setattr(engine, "get", get)
+    monkeypatch.setattr(engine, "list_page", list_page)
+    download_dir = tmp_path / "data"
+    code, out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
+    assert code == adl.EXIT_OK, (out, err)
+    assert order == ["GET before page 2"]
+    assert objects_on_disk(download_dir) == files
 
 
 # -- the disk fills mid-run -----------------------------------------------------------------------------------
