@@ -351,6 +351,37 @@ OPTIONS: tuple[Option, ...] = (
         nullable=True,
     ),
     Option(
+        "max_age",
+        "age",
+        None,
+        "Keep only objects modified within this long ('7d', '36h', '90m') or since this ISO 8601 time (UTC "
+        "unless it has a zone), as rclone's --max-age; null keeps all.",
+        "--max-age",
+        nullable=True,
+        flag_help="Keep only objects modified within this long ('7d', '36h') or since this ISO 8601 time.",
+    ),
+    Option(
+        "min_age",
+        "age",
+        None,
+        "Keep only objects modified at least this long ago ('7d', '36h') or before this ISO 8601 time (UTC "
+        "unless it has a zone), as rclone's --min-age; null keeps all.",
+        "--min-age",
+        nullable=True,
+        flag_help="Keep only objects modified at least this long ago ('7d') or before this ISO 8601 time.",
+    ),
+    Option(
+        "max_bandwidth",
+        "rate",
+        None,
+        "Cap on the download rate of the whole run, every connection together: bytes per second, or with "
+        "KB/s, MB/s, GB/s (1024-based, as aws-cli's max_bandwidth) or Kbit/s, Mbit/s, Gbit/s (1000-based bits); "
+        "null means no cap.",
+        "--max-bandwidth",
+        nullable=True,
+        flag_help="Cap the download rate of the whole run: '50MB/s', '400Mbit/s', or bytes per second.",
+    ),
+    Option(
         "check_disk_space",
         "bool",
         True,
@@ -421,6 +452,9 @@ class Config:
     log_file: str = "aws_downloader.log"
     manifest: str | None = None
     shard: str | None = None
+    max_age: str | None = None
+    min_age: str | None = None
+    max_bandwidth: int | None = None  #: bytes per second
     check_disk_space: bool = True
     progress_interval_s: float = 10.0
     engine: str = "auto"
@@ -455,6 +489,10 @@ def _describe(option: Option) -> str:
         return "a list of strings"
     if option.kind == "choice":
         return "one of " + ", ".join(repr(c) for c in option.choices) + (" or null" if option.nullable else "")
+    if option.kind == "age":
+        return "a duration ('7d', '36h', '90m', '1h30m'; units ms s m h d w M y) or an ISO 8601 time, or null"
+    if option.kind == "rate":
+        return "a rate such as '50MB/s' or '400Mbit/s' (at least 1KB/s), bytes per second, or null"
     return "a string" + (" or null" if option.nullable else "")
 
 
@@ -495,9 +533,23 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         if value not in option.choices:
             raise bad
         return value
-    if not isinstance(value, str):
+    return _text_value(option, value, bad)
+
+
+def _text_value(option: Option, value: Any, bad: ConfigError) -> Any:
+    """A string, or a value written in a small syntax of its own (an age, a rate) parsed; ``bad`` if not."""
+    if option.kind == "age":
+        parse: Callable[[Any], Any] = age_value
+    elif option.kind == "rate":
+        parse = parse_rate
+    elif isinstance(value, str):
+        return value
+    else:
         raise bad
-    return value
+    try:
+        return parse(value)
+    except ValueError:
+        raise bad from None
 
 
 def endpoint_url_problem(url: str) -> str | None:
@@ -608,6 +660,13 @@ def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
     if config.shard is not None:
         # fail early on a malformed value; 'auto' is resolved at run time
         parse_shard(config.shard, {}, name("shard"))
+    if config.max_age is not None and config.min_age is not None:
+        now = time.time()
+        if age_cutoff(config.max_age, now) >= age_cutoff(config.min_age, now):
+            raise ConfigError(
+                f"{name('max_age')} ({config.max_age}) must reach further back than {name('min_age')} "
+                f"({config.min_age}): together they keep no object"
+            )
     if config.endpoint_url:
         problem = endpoint_url_problem(config.endpoint_url)
         if problem:
@@ -1154,6 +1213,7 @@ class Engine(Protocol):
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         fallback: Callable[[Planned, BaseException | None], None],
         interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> SmallObjectLoop | None:
         """The event loop for small objects over this engine's addressing and signing, where it has one."""
         ...
@@ -1684,8 +1744,9 @@ class HttpEngine:
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         fallback: Callable[[Planned, BaseException | None], None],
         interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> SmallObjectLoop:
-        return SmallObjectLoop(self, config, stop, deliver, fallback, interrupted)
+        return SmallObjectLoop(self, config, stop, deliver, fallback, interrupted, limiter)
 
     def _bucket_request(self, bucket: str, query: list[tuple[str, str]], method: str = "GET") -> bytes:
         """One request on the bucket itself (a listing page, a HEAD); returns the whole body."""
@@ -1791,6 +1852,82 @@ class HttpEngine:
         return request_headers
 
 
+#: max_bandwidth's units: aws-cli's bytes (1024-based) and, for links sold in bits, 1000-based bits.
+RATE_UNITS = {
+    "b/s": 1,
+    "kb/s": KiB,
+    "mb/s": MiB,
+    "gb/s": 1024 * MiB,
+    "kib/s": KiB,
+    "mib/s": MiB,
+    "gib/s": 1024 * MiB,
+    "kbit/s": 1000 / 8,
+    "mbit/s": 1000**2 / 8,
+    "gbit/s": 1000**3 / 8,
+}
+#: The lowest cap taken: below it a connection waits so long between reads that servers drop it.
+MIN_RATE = KiB
+
+
+def parse_rate(value: Any) -> int:
+    """Bytes per second of a max_bandwidth value: an integer, or a number with a RATE_UNITS suffix
+    ('50MB/s' as aws-cli reads it, '400Mbit/s'). Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+/s)?\s*", value)
+        if match is None or (match.group(2) or "b/s").lower() not in RATE_UNITS:
+            raise ValueError(value)
+        rate = float(match.group(1)) * RATE_UNITS[(match.group(2) or "b/s").lower()]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(rate) or rate < MIN_RATE:
+        raise ValueError(value)
+    return int(rate)
+
+
+class BandwidthLimiter:
+    """The --max-bandwidth cap: one token bucket drawn on by every connection of the run, the worker threads'
+    and the small-object loop's alike, so the cap holds however many connections are open.
+
+    Readers reserve bytes before they read them, and a reservation may overdraw the bucket: the reader then
+    waits until the overdraft is paid back at the cap's rate. So readers are served in the order they asked,
+    the bytes read in any window of T seconds are at most rate * T + burst, and a short read gives back what
+    it did not use. The burst is BURST_S of the rate, small enough that no one-second window exceeds the cap
+    by more than a tenth; reads are cut to that size too (``quantum``). Thread-safe; the clock is injected for
+    tests. A run without a cap has no limiter at all: its reads take no lock.
+    """
+
+    #: Seconds of the rate the bucket holds: the largest burst above the cap.
+    BURST_S = 0.1
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        #: Bytes per second.
+        self.rate = float(rate)
+        self.burst = max(1.0, self.rate * self.BURST_S)
+        #: The most bytes one read reserves.
+        self.quantum = max(1, int(self.burst))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    def reserve(self, amount: int) -> float:
+        """Take ``amount`` bytes of the budget; returns the seconds to wait before reading them (0: now)."""
+        with self._lock:
+            now = self._clock()
+            tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate) - amount
+            self._tokens, self._stamp = tokens, now
+        return -tokens / self.rate if tokens < 0 else 0.0
+
+    def refund(self, amount: int) -> None:
+        """Give back bytes reserved and not read (a short read, a body that ended)."""
+        with self._lock:
+            self._tokens += amount
+
+
 class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
@@ -1811,6 +1948,15 @@ class _LoopConnection:
         #: The object whose GET it is serving; None while idle.
         self.planned: Planned | None = None
         self.reset()
+
+    def expected(self) -> int:
+        """Bytes still to come for the request it serves, for a bandwidth budget (a response head's ~1 KiB
+        counted until the head has arrived)."""
+        if self.planned is None:
+            return 0
+        if self.status is None:
+            return self.planned.obj.size + KiB - len(self.buffer)
+        return self.body_length - len(self.buffer)
 
     def reset(self) -> None:
         """Ready for the next request (the connection stays open)."""
@@ -1855,6 +2001,7 @@ class SmallObjectLoop:
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         on_fallback: Callable[[Planned, BaseException | None], None],
         on_interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> None:
         import select
         import selectors
@@ -1871,6 +2018,12 @@ class SmallObjectLoop:
         #: Takes an object the loop ended because the run is stopping.
         self.on_interrupted = on_interrupted
         self.connections = self.config.parallel_downloads
+        #: The run's bandwidth cap (None: none). The loop never sleeps per read: it reserves a budget for
+        #: the bytes its connections still expect, and reads no socket until the budget is due.
+        self.limiter = limiter
+        #: Bytes reserved and due (the loop may read them), and when a reservation still waiting is due.
+        self._budget = 0
+        self._budget_due = 0.0
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -1980,6 +2133,8 @@ class SmallObjectLoop:
             if active:
                 now = time.monotonic()
                 timeout = max(0.0, min(timeout, min(c.deadline for c in active) - now))
+                if self.limiter is not None and self._hold(now, timeout):
+                    continue
             for key, events in self._selector.select(timeout):
                 connection = key.data
                 if connection is None:
@@ -1994,6 +2149,28 @@ class SmallObjectLoop:
             now = time.monotonic()
             for connection in [c for c in active if c.deadline <= now]:
                 self._fail(connection, TimeoutError(f"no data for {self.config.read_timeout_s:g}s (read timed out)"))
+
+    def _hold(self, now: float, timeout: float) -> bool:
+        """Under a bandwidth cap: reserve the bytes the connections still expect (at most a quantum) once the
+        last budget is spent, and wait (on the wake socket only, at most ``timeout``) until it is due. True
+        when the loop waited instead of reading: the connections' deadlines move on by the time held."""
+        limiter = self.limiter
+        assert limiter is not None
+        if self._budget <= 0 and self._budget_due <= now:
+            expected = sum(c.expected() for c in self._active)
+            self._budget = min(limiter.quantum, max(1, expected))
+            self._budget_due = now + limiter.reserve(self._budget)
+        if self._budget_due <= now:
+            return False
+        readable, _, _ = self._select([self._wake_in], [], [], min(timeout, self._budget_due - now))
+        if readable:
+            with contextlib.suppress(OSError):
+                while self._wake_in.recv(4096):
+                    pass
+        held = time.monotonic() - now
+        for connection in self._active:
+            connection.deadline += held
+        return True
 
     def _start(self, planned: Planned) -> None:
         """Send the GET for one object on an idle connection to its host, or open one for it first."""
@@ -2117,8 +2294,12 @@ class SmallObjectLoop:
 
     def _receive(self, connection: _LoopConnection) -> None:
         sock = connection.sock
+        limiter = self.limiter
+        if limiter is not None and self._budget <= 0 and connection.planned is not None:
+            connection.deadline = time.monotonic() + self.config.read_timeout_s  # readable: alive, held back
+            return
         try:
-            data = sock.recv(256 * KiB)
+            data = sock.recv(256 * KiB if limiter is None else min(256 * KiB, self._budget))
             while connection.tls and data and sock.pending():  # decrypted bytes select() cannot see
                 data += sock.recv(sock.pending())
         except self._would_block:
@@ -2126,6 +2307,11 @@ class SmallObjectLoop:
         except OSError as exc:
             self._broken(connection, exc)
             return
+        if limiter is not None:
+            self._budget -= len(data)
+            if self._budget < 0:  # decrypted bytes past the budget (a TLS record): paid for by later readers
+                limiter.reserve(-self._budget)
+                self._budget = 0
         planned = connection.planned
         if planned is None:  # an idle connection became readable: the server closed it
             self._close(connection)
@@ -2760,9 +2946,15 @@ class Filters:
     min_size: int = 0
     max_size: int | None = None
     shard: tuple[int, int] | None = None
+    #: Epoch seconds: objects modified before this are left out (--max-age), at or after that (--min-age).
+    modified_since: float | None = None
+    modified_before: float | None = None
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None, now: float | None = None) -> Filters:
+        """``now`` (epoch seconds, default the clock) anchors --max-age/--min-age durations: read once, when
+        the run starts, so every object of the run is judged against the same instant."""
+        now = time.time() if now is None else now
         extensions = tuple(
             (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
         )
@@ -2773,7 +2965,57 @@ class Filters:
             min_size=int(config.min_file_size_mb * MiB),
             max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
             shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
+            modified_since=None if config.max_age is None else age_cutoff(config.max_age, now),
+            modified_before=None if config.min_age is None else age_cutoff(config.min_age, now),
         )
+
+
+#: rclone's duration units in seconds (its month is 30 days and its year 365).
+AGE_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "M": 30 * 86400, "y": 365 * 86400}
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|M|y)")
+
+
+def age_text(value: Any) -> str:
+    """A --max-age/--min-age value as text: YAML reads an unquoted ``2026-01-31`` as a date and ``3600`` as a
+    number, and both mean what they would as text (a UTC midnight, seconds)."""
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}"
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value.strip()
+
+
+def age_value(value: Any) -> str:
+    """A --max-age/--min-age value checked and kept as text: its instant depends on when the run starts."""
+    text = age_text(value)
+    age_cutoff(text, 0.0)
+    return text
+
+
+def age_cutoff(text: str, now: float) -> float:
+    """The instant (epoch seconds) a --max-age/--min-age value names: ``now`` minus a duration in rclone's
+    syntax ('7d', '36h', '1h30m', '1.5d'; a bare number is seconds, as in rclone), or an ISO 8601 time.
+
+    A time without a zone is UTC, as S3's LastModified is, so a cron job means the same on every machine
+    (rclone would read it as local time). Raises ValueError for anything else.
+    """
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return now - float(text)
+    if text and _AGE_PART.sub("", text) == "" and _AGE_PART.match(text):
+        return now - sum(float(number) * AGE_UNITS[unit] for number, unit in _AGE_PART.findall(text))
+    if not re.match(r"\d{4}-\d{2}-\d{2}", text):  # fromisoformat also takes '20260131', too easily a typo
+        raise ValueError(text)
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def cutoff_text(moment: float) -> str:
+    """An age cut-off for the log: a UTC time to the second."""
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def parse_shard(text: str, environ: Mapping[str, str], name: str = "config key 'shard'") -> tuple[int, int]:
@@ -2824,6 +3066,10 @@ def filter_reason(obj: S3Object, filters: Filters) -> str | None:
         return "size < min"
     if filters.max_size is not None and obj.size > filters.max_size:
         return "size > max"
+    if filters.modified_since is not None and obj.last_modified < filters.modified_since:
+        return "age > max"
+    if filters.modified_before is not None and obj.last_modified >= filters.modified_before:
+        return "age < min"
     return None
 
 
@@ -3115,6 +3361,7 @@ class Transfer:
         root: Path,
         pinned: bool = False,
         halt: Callable[[str], None] | None = None,
+        limiter: BandwidthLimiter | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -3138,6 +3385,8 @@ class Transfer:
         self._versions: dict[tuple[str, str], str] = {}
         #: The route each object in flight took (route_for's path, after its HEAD), for its result.
         self._routes: dict[tuple[str, str], str] = {}
+        #: The run's bandwidth cap, shared with the small-object loop; None: reads take no lock.
+        self.limiter = limiter
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
@@ -3495,15 +3744,25 @@ class Transfer:
         A read error is returned, not raised, so the caller still learns how far the body got and resumes the
         next request from there.
         """
-        chunk_size = self.config.chunk_size
+        chunk_size, limiter = self.config.chunk_size, self.limiter
         got = 0
         while offset < end:
             if self.stop.is_set():
                 raise Interrupted()
+            want = min(chunk_size, end - offset)
+            if limiter is not None:
+                want = min(want, limiter.quantum)
+                wait = limiter.reserve(want)
+                if wait > 0 and self.stop.wait(wait):
+                    raise Interrupted()
             try:
-                chunk = response.read(min(chunk_size, end - offset))
+                chunk = response.read(want)
             except Exception as exc:
+                if limiter is not None:
+                    limiter.refund(want)
                 return offset, got, exc
+            if limiter is not None and len(chunk) < want:
+                limiter.refund(want - len(chunk))
             if not chunk:
                 break
             _pwrite_all(fd, chunk, offset)
@@ -4590,9 +4849,11 @@ class Progress:
     #: Seconds between redraws of a text bar in a notebook, where every redraw is a chunk of the cell's output.
     NOTEBOOK_TEXT_REFRESH_S = 1.0
 
-    def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float) -> None:
+    def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float, cap: int | None = None) -> None:
         self.tally = tally
         self.interval = interval
+        #: The --max-bandwidth cap (bytes per second) shown beside the speed, so a slow run explains itself.
+        self.cap_text = f"{format_size(cap)}/s" if cap else ""
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._bar: Any = None
@@ -4625,7 +4886,8 @@ class Progress:
 
     def _postfix(self) -> str:
         tally = self.tally
-        return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s"
+        cap = f", Cap={self.cap_text}" if self.cap_text else ""
+        return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s{cap}"
 
     def _bar_format(self) -> str:
         """tqdm's fields for the bytes ({percentage}, {bar}, {elapsed}<{remaining}); the files as plain text."""
@@ -4661,7 +4923,7 @@ class Progress:
         tally = self.tally
         done, to_fetch = self._fetched()
         log.info(
-            "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s of %s fetched at %.1f MB/s",
+            "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s of %s fetched at %.1f MB/s%s",
             f"{tally.finished:,}",
             f"{tally.total:,}",
             f"{tally.downloaded:,}",
@@ -4670,6 +4932,7 @@ class Progress:
             format_size(done),
             format_size(to_fetch),
             self._speed(),
+            f" (cap {self.cap_text})" if self.cap_text else "",
         )
 
     def _draw(self, final: bool = False) -> None:
@@ -4811,6 +5074,10 @@ class _Workers:
         workers = config.parallel_downloads
         self.object_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-object")
         self.part_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-part")
+        #: One cap for every connection, threads and loop alike (--max-bandwidth).
+        self.limiter = BandwidthLimiter(config.max_bandwidth) if config.max_bandwidth else None
+        if config.max_bandwidth:
+            log.info("Download rate capped at %s/s for the whole run", format_size(config.max_bandwidth))
         self.transfer = Transfer(
             run.engine,
             config,
@@ -4821,6 +5088,7 @@ class _Workers:
             root=run.root,
             pinned=run.manifest_objects is not None,
             halt=run.halt,
+            limiter=self.limiter,
         )
         #: Objects handed to the threads and not finished yet: bounded, so listing never runs far ahead.
         self.in_flight = threading.BoundedSemaphore(workers * 4)
@@ -4845,7 +5113,8 @@ class _Workers:
 
     def _loop(self) -> SmallObjectLoop:
         if self.loop is None:
-            loop = self.run.engine.small_loop(self.run.config, self.run.stop, self.deliver, self.fallback, self.stopped)
+            run = self.run
+            loop = run.engine.small_loop(run.config, run.stop, self.deliver, self.fallback, self.stopped, self.limiter)
             assert loop is not None, "routed to the loop by an engine without one"
             self.loop = loop
         return self.loop
@@ -4995,6 +5264,18 @@ class _Run:
         manifest_run = self.manifest_objects is not None
         # A manifest run fetches exactly the manifest's objects: the config's filters and shard do not apply.
         self.filters = Filters() if manifest_run else Filters.from_config(config)
+        if self.filters.modified_since is not None:
+            log.info(
+                "Keeping objects modified since %s (max age %s)",
+                cutoff_text(self.filters.modified_since),
+                config.max_age,
+            )
+        if self.filters.modified_before is not None:
+            log.info(
+                "Keeping objects modified before %s (min age %s)",
+                cutoff_text(self.filters.modified_before),
+                config.min_age,
+            )
         session = make_session(config, self.credentials, self.redactor)
         if self.credentials.access_key:
             log.info("Using access key %s", mask_access_key(self.credentials.access_key))
@@ -5060,6 +5341,7 @@ class _Run:
             bar=watched and not self.dry_run,
             log_lines=not config.quiet and not self.dry_run,
             interval=config.progress_interval_s,
+            cap=config.max_bandwidth,
         )
         self.budget = DiskBudget(self.root, config.check_disk_space and not self.dry_run)
 
