@@ -1483,8 +1483,18 @@ def request_bytes(method: str, target: str, headers: Mapping[str, str]) -> bytes
 class _Http11Connection:
     """One keep-alive HTTP/1.1 connection (plain or TLS) that sends a whole request in one write."""
 
-    def __init__(self, scheme: str, host: str, connect_timeout: float, read_timeout: float, tls: Any) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        connect_timeout: float,
+        read_timeout: float,
+        tls: Any,
+        receive_buffer: int | None = None,
+    ) -> None:
         self.scheme = scheme
+        #: SO_RCVBUF under a bandwidth cap (see capped_receive_buffer); None: the kernel's own.
+        self.receive_buffer = receive_buffer
         self.host = host
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -1498,6 +1508,8 @@ class _Http11Connection:
         hostname, port = split_host(self.host, self.scheme)
         sock = socket.create_connection((hostname, port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         if self.scheme == "https":
             sock = self.tls.wrap_socket(sock, server_hostname=hostname)
         sock.settimeout(self.read_timeout)
@@ -1614,6 +1626,8 @@ class HttpEngine:
         self._lock = threading.Lock()
         self._ssl_context: Any = None
         self._user_agent = f"aws-data-downloader/{__version__} python"
+        #: Every socket's SO_RCVBUF under a bandwidth cap (the small-object loop's too); None without one.
+        self.receive_buffer = capped_receive_buffer(config)
 
     # -- addressing -----------------------------------------------------------------------------------------
 
@@ -1672,6 +1686,7 @@ class HttpEngine:
             self.config.connect_timeout_s,
             self.config.read_timeout_s,
             self._tls_context() if address.scheme == "https" else None,
+            self.receive_buffer,
         )
         connections[key] = connection
         with self._lock:
@@ -1886,6 +1901,25 @@ def parse_rate(value: Any) -> int:
     if not math.isfinite(rate) or rate < MIN_RATE:
         raise ValueError(value)
     return int(rate)
+
+
+#: Seconds of the capped rate that the receive buffers of all connections together may hold.
+RECEIVE_BUFFER_S = 0.1
+
+
+def capped_receive_buffer(config: Config) -> int | None:
+    """SO_RCVBUF for each socket of a capped run, or None without a cap.
+
+    The limiter paces what the program reads, but the kernel keeps accepting bytes until a socket's receive
+    buffer is full, and on a fast link Linux grows that buffer to megabytes: at the start of a run every
+    connection would fill its buffer at once, a burst of tens of MiB in the first second whatever the cap.
+    A buffer of RECEIVE_BUFFER_S of the rate, shared among the connections (8 KiB to 4 MiB each), keeps that
+    burst small; TCP's window then holds the server back. (The boto3 engine's sockets keep the kernel's.)
+    """
+    if not config.max_bandwidth:
+        return None
+    share = config.max_bandwidth * RECEIVE_BUFFER_S / config.parallel_downloads
+    return int(min(4 * MiB, max(8 * KiB, share)))
 
 
 class BandwidthLimiter:
@@ -2254,6 +2288,8 @@ class SmallObjectLoop:
         sock = socket.create_connection((hostname, port), timeout=self.config.connect_timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.engine.receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.engine.receive_buffer)
             if address.scheme == "https":
                 sock = self.engine._tls_context().wrap_socket(sock, server_hostname=hostname)
             sock.setblocking(False)
