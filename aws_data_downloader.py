@@ -2058,6 +2058,7 @@ class SmallObjectLoop:
         #: Bytes reserved and due (the loop may read them), and when a reservation still waiting is due.
         self._budget = 0
         self._budget_due = 0.0
+        self._receive_buffer = capped_receive_buffer(config)
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -2288,8 +2289,8 @@ class SmallObjectLoop:
         sock = socket.create_connection((hostname, port), timeout=self.config.connect_timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.engine.receive_buffer:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.engine.receive_buffer)
+            if self._receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
             if address.scheme == "https":
                 sock = self.engine._tls_context().wrap_socket(sock, server_hostname=hostname)
             sock.setblocking(False)
