@@ -3009,6 +3009,8 @@ class Filters:
 
 #: rclone's duration units in seconds (its month is 30 days and its year 365).
 AGE_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "M": 30 * 86400, "y": 365 * 86400}
+#: The longest duration taken: 1,000 years.
+MAX_AGE_S = 1000 * AGE_UNITS["y"]
 _AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|M|y)")
 
 
@@ -3039,9 +3041,15 @@ def age_cutoff(text: str, now: float) -> float:
     (rclone would read it as local time). Raises ValueError for anything else.
     """
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return now - float(text)
-    if text and _AGE_PART.sub("", text) == "" and _AGE_PART.match(text):
-        return now - sum(float(number) * AGE_UNITS[unit] for number, unit in _AGE_PART.findall(text))
+        seconds = float(text)
+    elif text and _AGE_PART.sub("", text) == "" and _AGE_PART.match(text):
+        seconds = sum(float(number) * AGE_UNITS[unit] for number, unit in _AGE_PART.findall(text))
+    else:
+        seconds = None
+    if seconds is not None:
+        if seconds > MAX_AGE_S:  # a typo, and a date before year 1 that no log line could print
+            raise ValueError(text)
+        return now - seconds
     if not re.match(r"\d{4}-\d{2}-\d{2}", text):  # fromisoformat also takes '20260131', too easily a typo
         raise ValueError(text)
     moment = datetime.datetime.fromisoformat(text)
