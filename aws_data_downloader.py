@@ -1930,12 +1930,12 @@ class BandwidthLimiter:
     waits until the overdraft is paid back at the cap's rate. So readers are served in the order they asked,
     the bytes read in any window of T seconds are at most rate * T + burst, and a short read gives back what
     it did not use. The burst is BURST_S of the rate, small enough that no one-second window exceeds the cap
-    by more than a tenth; reads are cut to that size too (``quantum``). Thread-safe; the clock is injected for
+    by more than a twentieth; reads are cut to that size too (``quantum``). Thread-safe; the clock is injected for
     tests. A run without a cap has no limiter at all: its reads take no lock.
     """
 
     #: Seconds of the rate the bucket holds: the largest burst above the cap.
-    BURST_S = 0.1
+    BURST_S = 0.05
 
     def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
         #: Bytes per second.

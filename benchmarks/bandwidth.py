@@ -40,7 +40,7 @@ from faultproxy import FaultProxy, KiB  # noqa: E402
 #: The proxy's send buffer per connection: small, so that its counter is close to what the client's kernel has
 #: taken (a link carries only what the client's TCP window admits; bytes in the sender's buffer have not
 #: crossed it). With Linux's default the proxy would count megabytes per connection the client never asked for.
-PROXY_SEND_BUFFER = 32 * KiB
+PROXY_SEND_BUFFER = 8 * KiB
 
 
 def _small_send_buffer(handle):
@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--rate", default="8MB/s", help="the cap, as --max-bandwidth takes it (default 8MB/s)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the capped download should take")
     parser.add_argument("--parallel", type=int, default=32, help="--parallel of the run (default 32)")
+    parser.add_argument("--series", action="store_true", help="also print the bytes sent in each half second")
     args = parser.parse_args()
     rate = adl.parse_rate(args.rate)
     binary = weed_binary()
@@ -142,6 +143,12 @@ def main() -> int:
         print(f"overall rate {adl.format_size(overall)}/s = {overall / rate:.1%} of the cap (goal: within 10%)")
         print(f"largest one-second window {adl.format_size(largest)} = {largest / rate:.1%} of the cap "
               f"(goal: <= 125%), {largest_at:.1f} s after the first byte")  # fmt: skip
+        if args.series:
+            first = next(at for at, sent in samples if sent > 0)
+            bins: dict[int, int] = {}
+            for (at, sent), (_, before) in zip(samples[1:], samples, strict=False):
+                bins[int((at - first) / 0.5)] = bins.get(int((at - first) / 0.5), 0) + sent - before
+            print(" ".join(f"{index / 2:g}s:{count / rate * 2:.0%}" for index, count in sorted(bins.items())))
         return 0
     finally:
         weed.stop()
