@@ -3801,7 +3801,7 @@ class Transfer:
                 if wait > 0 and self.stop.wait(wait):
                     raise Interrupted()
             try:
-                chunk = response.read(want)
+                chunk = response.read(want) if limiter is None else self._read_reserved(response, want)
             except Exception as exc:
                 if limiter is not None:
                     limiter.refund(want)
@@ -3819,6 +3819,25 @@ class Transfer:
             if checkpoint is not None:
                 checkpoint(offset)
         return offset, got, None
+
+    @staticmethod
+    def _read_reserved(response: Response, want: int) -> bytes:
+        """Under a bandwidth cap, the ``want`` bytes reserved and waited for, read whole (short only at the
+        body's end). One read returns what has arrived, often a receive buffer's worth: giving the rest back
+        would let others read in its place while readers queued behind it still wait their original turn,
+        and the run then read up to a third above the cap in its last second (benchmarks/bandwidth.py)."""
+        chunk = response.read(want)
+        if len(chunk) == want or not chunk:
+            return chunk
+        pieces = [chunk]
+        have = len(chunk)
+        while have < want:
+            piece = response.read(want - have)
+            if not piece:
+                break
+            pieces.append(piece)
+            have += len(piece)
+        return b"".join(pieces)
 
     def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part], route: Route) -> tuple[str | None, int]:
         """Ranged GETs in parallel into a preallocated temp file; parts done, and the bytes on disk inside the

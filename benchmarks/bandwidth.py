@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import shutil
 import socket
@@ -79,6 +80,33 @@ def sample(proxy: FaultProxy, done: threading.Event, samples: list[tuple[float, 
     samples.append((time.monotonic(), proxy.bytes_sent("GET")))
 
 
+def on_disk(root: Path) -> int:
+    """Bytes in the files under ``root`` (temp files included): what the client has read so far."""
+    total = 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(".json"):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+def sample_disk(root: Path, done: threading.Event, samples: list[tuple[float, int]]) -> None:
+    while not done.is_set():
+        samples.append((time.monotonic(), on_disk(root)))
+        time.sleep(0.05)
+    samples.append((time.monotonic(), on_disk(root)))
+
+
 def measure(samples: list[tuple[float, int]]) -> tuple[float, float, float, float]:
     """(overall rate, largest one-second window in bytes, when it began (seconds after the first byte),
     seconds from first byte to last)."""
@@ -128,9 +156,13 @@ def main() -> int:
             done = threading.Event()
             sampler = threading.Thread(target=sample, args=(proxy, done, samples), daemon=True)
             sampler.start()
+            disk_samples: list[tuple[float, int]] = []
+            disk_sampler = threading.Thread(target=sample_disk, args=(data, done, disk_samples), daemon=True)
+            disk_sampler.start()
             run = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True)
             done.set()
             sampler.join()
+            disk_sampler.join()
         if run.returncode != 0:
             raise SystemExit(f"the run exited {run.returncode}: {run.stderr.strip()}")
         summary = json.loads(run.stdout)
@@ -143,6 +175,9 @@ def main() -> int:
         print(f"overall rate {adl.format_size(overall)}/s = {overall / rate:.1%} of the cap (goal: within 10%)")
         print(f"largest one-second window {adl.format_size(largest)} = {largest / rate:.1%} of the cap "
               f"(goal: <= 125%), {largest_at:.1f} s after the first byte")  # fmt: skip
+        overall, largest, largest_at, seconds = measure(disk_samples)
+        print(f"on disk: overall {overall / rate:.1%} of the cap, largest one-second window {largest / rate:.1%} "
+              f"({largest_at:.1f} s after the first byte)")  # fmt: skip
         if args.series:
             first = next(at for at, sent in samples if sent > 0)
             bins: dict[int, int] = {}
