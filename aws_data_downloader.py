@@ -1913,13 +1913,16 @@ def capped_receive_buffer(config: Config) -> int | None:
     The limiter paces what the program reads, but the kernel keeps accepting bytes until a socket's receive
     buffer is full, and on a fast link Linux grows that buffer to megabytes: at the start of a run every
     connection would fill its buffer at once, a burst of tens of MiB in the first second whatever the cap.
-    A buffer of RECEIVE_BUFFER_S of the rate, shared among the connections (8 KiB to 4 MiB each), keeps that
-    burst small; TCP's window then holds the server back. (The boto3 engine's sockets keep the kernel's.)
+    A buffer of RECEIVE_BUFFER_S of the rate, shared among the connections (64 KiB to 4 MiB each), keeps that
+    burst small; TCP's window then holds the server back. Not below 64 KiB: with 8 KiB buffers a loopback
+    connection (its segments are 64 KiB) crawled at a twentieth of a 2MB/s cap, window probe by window probe;
+    so with many connections the first second can still take ~1.4x the cap while the buffers fill once.
+    (The boto3 engine's sockets keep the kernel's.)
     """
     if not config.max_bandwidth:
         return None
     share = config.max_bandwidth * RECEIVE_BUFFER_S / config.parallel_downloads
-    return int(min(4 * MiB, max(8 * KiB, share)))
+    return int(min(4 * MiB, max(64 * KiB, share)))
 
 
 class BandwidthLimiter:

@@ -183,8 +183,10 @@ def test_the_smallest_cap_still_reads_at_least_a_byte() -> None:
 def test_receive_buffers_hold_a_tenth_of_a_second_of_the_cap_between_them() -> None:
     assert adl.capped_receive_buffer(adl.build_config({})) is None
     config = adl.build_config({"max_bandwidth": "32MB/s", "parallel_downloads": 32})
-    assert adl.capped_receive_buffer(config) == int(32 * MiB * adl.RECEIVE_BUFFER_S / 32)
-    assert adl.capped_receive_buffer(config.replace(max_bandwidth="1MB/s")) == 8 * KiB  # the floor
+    assert adl.capped_receive_buffer(config.replace(max_bandwidth="1GB/s")) == int(
+        1024 * MiB * adl.RECEIVE_BUFFER_S / 32
+    )
+    assert adl.capped_receive_buffer(config.replace(max_bandwidth="8MB/s")) == 64 * KiB  # the floor
     assert adl.capped_receive_buffer(config.replace(max_bandwidth="100GB/s", parallel_downloads=1)) == 4 * MiB
 
 
