@@ -411,6 +411,37 @@ OPTIONS: tuple[Option, ...] = (
         flag_help="With --delete: delete nothing, and exit 1, when more than N files would go (as rclone).",
     ),
     Option(
+        "max_age",
+        "age",
+        None,
+        "Keep only objects modified within this long ('7d', '36h', '90m') or since this ISO 8601 time (UTC "
+        "unless it has a zone), as rclone's --max-age; null keeps all.",
+        "--max-age",
+        nullable=True,
+        flag_help="Keep only objects modified within this long ('7d', '36h') or since this ISO 8601 time.",
+    ),
+    Option(
+        "min_age",
+        "age",
+        None,
+        "Keep only objects modified at least this long ago ('7d', '36h') or before this ISO 8601 time (UTC "
+        "unless it has a zone), as rclone's --min-age; null keeps all.",
+        "--min-age",
+        nullable=True,
+        flag_help="Keep only objects modified at least this long ago ('7d') or before this ISO 8601 time.",
+    ),
+    Option(
+        "max_bandwidth",
+        "rate",
+        None,
+        "Cap on the download rate of the whole run, every connection together: bytes per second, or with "
+        "KB/s, MB/s, GB/s (1024-based, as aws-cli's max_bandwidth) or Kbit/s, Mbit/s, Gbit/s (1000-based bits); "
+        "null means no cap.",
+        "--max-bandwidth",
+        nullable=True,
+        flag_help="Cap the download rate of the whole run: '50MB/s', '400Mbit/s', or bytes per second.",
+    ),
+    Option(
         "check_disk_space",
         "bool",
         True,
@@ -487,6 +518,9 @@ class Config:
     as_of: str | None = None  #: ISO 8601 with its zone, as check_value normalised it
     delete: bool = False
     max_delete: int | None = None
+    max_age: str | None = None
+    min_age: str | None = None
+    max_bandwidth: int | None = None  #: bytes per second
     check_disk_space: bool = True
     progress_interval_s: float = 10.0
     engine: str = "auto"
@@ -526,6 +560,10 @@ def _describe(option: Option) -> str:
     if option.kind == "timestamp":
         example = "like 2026-11-01T00:00:00Z or 2026-11-01T02:00:00+02:00"
         return f"an ISO 8601 timestamp with a zone, {example}" + (", or null" if option.nullable else "")
+    if option.kind == "age":
+        return "a duration ('7d', '36h', '90m', '1h30m'; units ms s m h d w M y) or an ISO 8601 time, or null"
+    if option.kind == "rate":
+        return "a rate such as '50MB/s' or '400Mbit/s' (at least 1KB/s), bytes per second, or null"
     return "a string" + (" or null" if option.nullable else "")
 
 
@@ -568,12 +606,7 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         return value
     if option.kind == "timestamp":  # YAML may have made it a datetime already
         return parse_timestamp_option(value, bad, name or f"config key {option.key!r}")
-    return value if isinstance(value, str) else _raise(bad)
-
-
-def _raise(error: Exception) -> Any:
-    """Raise as an expression: keeps check_value one flat chain of kinds."""
-    raise error
+    return _text_value(option, value, bad)
 
 
 def parse_timestamp_option(value: Any, bad: ConfigError, name: str) -> str:
@@ -594,6 +627,22 @@ def parse_timestamp_option(value: Any, bad: ConfigError, name: str) -> str:
         given = given if isinstance(given, str) else given.isoformat()
         raise ConfigError(f"{name} needs a zone: {given!r} has none (add Z for UTC, or an offset like +02:00)")
     return value.isoformat()
+
+
+def _text_value(option: Option, value: Any, bad: ConfigError) -> Any:
+    """A string, or a value written in a small syntax of its own (an age, a rate) parsed; ``bad`` if not."""
+    if option.kind == "age":
+        parse: Callable[[Any], Any] = age_value
+    elif option.kind == "rate":
+        parse = parse_rate
+    elif isinstance(value, str):
+        return value
+    else:
+        raise bad
+    try:
+        return parse(value)
+    except ValueError:
+        raise bad from None
 
 
 def endpoint_url_problem(url: str) -> str | None:
@@ -709,6 +758,13 @@ def build_config(*layers: Mapping[str, Any] | ConfigLayer | None) -> Config:
             f"{name('inventory')} must be the s3:// URL of an inventory's manifest.json "
             f"(s3://bucket/path/manifest.json), got {config.inventory!r}"
         )
+    if config.max_age is not None and config.min_age is not None:
+        now = time.time()
+        if age_cutoff(config.max_age, now) >= age_cutoff(config.min_age, now):
+            raise ConfigError(
+                f"{name('max_age')} ({config.max_age}) must reach further back than {name('min_age')} "
+                f"({config.min_age}): together they keep no object"
+            )
     if config.endpoint_url:
         problem = endpoint_url_problem(config.endpoint_url)
         if problem:
@@ -1265,6 +1321,7 @@ class Engine(Protocol):
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         fallback: Callable[[Planned, BaseException | None], None],
         interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> SmallObjectLoop | None:
         """The event loop for small objects over this engine's addressing and signing, where it has one."""
         ...
@@ -1534,8 +1591,18 @@ def request_bytes(method: str, target: str, headers: Mapping[str, str]) -> bytes
 class _Http11Connection:
     """One keep-alive HTTP/1.1 connection (plain or TLS) that sends a whole request in one write."""
 
-    def __init__(self, scheme: str, host: str, connect_timeout: float, read_timeout: float, tls: Any) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        connect_timeout: float,
+        read_timeout: float,
+        tls: Any,
+        receive_buffer: int | None = None,
+    ) -> None:
         self.scheme = scheme
+        #: SO_RCVBUF under a bandwidth cap (see capped_receive_buffer); None: the kernel's own.
+        self.receive_buffer = receive_buffer
         self.host = host
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -1549,6 +1616,8 @@ class _Http11Connection:
         hostname, port = split_host(self.host, self.scheme)
         sock = socket.create_connection((hostname, port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         if self.scheme == "https":
             sock = self.tls.wrap_socket(sock, server_hostname=hostname)
         sock.settimeout(self.read_timeout)
@@ -1665,6 +1734,8 @@ class HttpEngine:
         self._lock = threading.Lock()
         self._ssl_context: Any = None
         self._user_agent = f"aws-data-downloader/{__version__} python"
+        #: Every socket's SO_RCVBUF under a bandwidth cap (the small-object loop's too); None without one.
+        self.receive_buffer = capped_receive_buffer(config)
 
     # -- addressing -----------------------------------------------------------------------------------------
 
@@ -1723,6 +1794,7 @@ class HttpEngine:
             self.config.connect_timeout_s,
             self.config.read_timeout_s,
             self._tls_context() if address.scheme == "https" else None,
+            self.receive_buffer,
         )
         connections[key] = connection
         with self._lock:
@@ -1810,8 +1882,9 @@ class HttpEngine:
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         fallback: Callable[[Planned, BaseException | None], None],
         interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> SmallObjectLoop:
-        return SmallObjectLoop(self, config, stop, deliver, fallback, interrupted)
+        return SmallObjectLoop(self, config, stop, deliver, fallback, interrupted, limiter)
 
     def _bucket_request(self, bucket: str, query: list[tuple[str, str]], method: str = "GET") -> bytes:
         """One request on the bucket itself (a listing page, a HEAD); returns the whole body."""
@@ -1917,6 +1990,104 @@ class HttpEngine:
         return request_headers
 
 
+#: max_bandwidth's units: aws-cli's bytes (1024-based) and, for links sold in bits, 1000-based bits.
+RATE_UNITS = {
+    "b/s": 1,
+    "kb/s": KiB,
+    "mb/s": MiB,
+    "gb/s": 1024 * MiB,
+    "kib/s": KiB,
+    "mib/s": MiB,
+    "gib/s": 1024 * MiB,
+    "kbit/s": 1000 / 8,
+    "mbit/s": 1000**2 / 8,
+    "gbit/s": 1000**3 / 8,
+}
+#: The lowest cap taken: below it a connection waits so long between reads that servers drop it.
+MIN_RATE = KiB
+
+
+def parse_rate(value: Any) -> int:
+    """Bytes per second of a max_bandwidth value: an integer, or a number with a RATE_UNITS suffix
+    ('50MB/s' as aws-cli reads it, '400Mbit/s'). Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+/s)?\s*", value)
+        if match is None or (match.group(2) or "b/s").lower() not in RATE_UNITS:
+            raise ValueError(value)
+        rate = float(match.group(1)) * RATE_UNITS[(match.group(2) or "b/s").lower()]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(rate) or rate < MIN_RATE:
+        raise ValueError(value)
+    return int(rate)
+
+
+#: Seconds of the capped rate that the receive buffers of all connections together may hold.
+RECEIVE_BUFFER_S = 0.1
+
+
+def capped_receive_buffer(config: Config) -> int | None:
+    """SO_RCVBUF for each socket of a capped run, or None without a cap.
+
+    The limiter paces what the program reads, but the kernel keeps accepting bytes until a socket's receive
+    buffer is full, and on a fast link Linux grows that buffer to megabytes: at the start of a run every
+    connection would fill its buffer at once, a burst of tens of MiB in the first second whatever the cap.
+    A buffer of RECEIVE_BUFFER_S of the rate, shared among the connections (64 KiB to 4 MiB each), keeps that
+    burst small; TCP's window then holds the server back. Not below 64 KiB: with 8 KiB buffers a loopback
+    connection (its segments are 64 KiB) crawled at a twentieth of a 2MB/s cap, window probe by window probe;
+    so with many connections the first second can still take ~1.4x the cap while the buffers fill once.
+    (The boto3 engine's sockets keep the kernel's.)
+    """
+    if not config.max_bandwidth:
+        return None
+    share = config.max_bandwidth * RECEIVE_BUFFER_S / config.parallel_downloads
+    return int(min(4 * MiB, max(64 * KiB, share)))
+
+
+class BandwidthLimiter:
+    """The --max-bandwidth cap: one token bucket drawn on by every connection of the run, the worker threads'
+    and the small-object loop's alike, so the cap holds however many connections are open.
+
+    Readers reserve bytes before they read them, and a reservation may overdraw the bucket: the reader then
+    waits until the overdraft is paid back at the cap's rate. So readers are served in the order they asked,
+    the bytes read in any window of T seconds are at most rate * T + burst, and a short read gives back what
+    it did not use. The burst is BURST_S of the rate, small enough that no one-second window exceeds the cap
+    by more than a twentieth; reads are cut to that size too (``quantum``). Thread-safe; the clock is injected for
+    tests. A run without a cap has no limiter at all: its reads take no lock.
+    """
+
+    #: Seconds of the rate the bucket holds: the largest burst above the cap.
+    BURST_S = 0.05
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
+        #: Bytes per second.
+        self.rate = float(rate)
+        self.burst = max(1.0, self.rate * self.BURST_S)
+        #: The most bytes one read reserves.
+        self.quantum = max(1, int(self.burst))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    def reserve(self, amount: int) -> float:
+        """Take ``amount`` bytes of the budget; returns the seconds to wait before reading them (0: now)."""
+        with self._lock:
+            now = self._clock()
+            tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate) - amount
+            self._tokens, self._stamp = tokens, now
+        return -tokens / self.rate if tokens < 0 else 0.0
+
+    def refund(self, amount: int) -> None:
+        """Give back bytes reserved and not read (a short read, a body that ended)."""
+        with self._lock:
+            self._tokens += amount
+
+
 class _LoopConnection:
     """One non-blocking keep-alive connection of the small-object loop, and the request it is serving."""
 
@@ -1937,6 +2108,15 @@ class _LoopConnection:
         #: The object whose GET it is serving; None while idle.
         self.planned: Planned | None = None
         self.reset()
+
+    def expected(self) -> int:
+        """Bytes still to come for the request it serves, for a bandwidth budget (a response head's ~1 KiB
+        counted until the head has arrived)."""
+        if self.planned is None:
+            return 0
+        if self.status is None:
+            return self.planned.obj.size + KiB - len(self.buffer)
+        return self.body_length - len(self.buffer)
 
     def reset(self) -> None:
         """Ready for the next request (the connection stays open)."""
@@ -1981,6 +2161,7 @@ class SmallObjectLoop:
         deliver: Callable[[Planned, Mapping[str, str], bytes], None],
         on_fallback: Callable[[Planned, BaseException | None], None],
         on_interrupted: Callable[[Planned], None],
+        limiter: BandwidthLimiter | None = None,
     ) -> None:
         import select
         import selectors
@@ -1997,6 +2178,13 @@ class SmallObjectLoop:
         #: Takes an object the loop ended because the run is stopping.
         self.on_interrupted = on_interrupted
         self.connections = self.config.parallel_downloads
+        #: The run's bandwidth cap (None: none). The loop never sleeps per read: it reserves a budget for
+        #: the bytes its connections still expect, and reads no socket until the budget is due.
+        self.limiter = limiter
+        #: Bytes reserved and due (the loop may read them), and when a reservation still waiting is due.
+        self._budget = 0
+        self._budget_due = 0.0
+        self._receive_buffer = capped_receive_buffer(config)
         self._would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self._stale = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, IncompleteBody)
         self._read, self._write = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -2106,6 +2294,8 @@ class SmallObjectLoop:
             if active:
                 now = time.monotonic()
                 timeout = max(0.0, min(timeout, min(c.deadline for c in active) - now))
+                if self.limiter is not None and self._hold(now, timeout):
+                    continue
             for key, events in self._selector.select(timeout):
                 connection = key.data
                 if connection is None:
@@ -2120,6 +2310,28 @@ class SmallObjectLoop:
             now = time.monotonic()
             for connection in [c for c in active if c.deadline <= now]:
                 self._fail(connection, TimeoutError(f"no data for {self.config.read_timeout_s:g}s (read timed out)"))
+
+    def _hold(self, now: float, timeout: float) -> bool:
+        """Under a bandwidth cap: reserve the bytes the connections still expect (at most a quantum) once the
+        last budget is spent, and wait (on the wake socket only, at most ``timeout``) until it is due. True
+        when the loop waited instead of reading: the connections' deadlines move on by the time held."""
+        limiter = self.limiter
+        assert limiter is not None
+        if self._budget <= 0 and self._budget_due <= now:
+            expected = sum(c.expected() for c in self._active)
+            self._budget = min(limiter.quantum, max(1, expected))
+            self._budget_due = now + limiter.reserve(self._budget)
+        if self._budget_due <= now:
+            return False
+        readable, _, _ = self._select([self._wake_in], [], [], min(timeout, self._budget_due - now))
+        if readable:
+            with contextlib.suppress(OSError):
+                while self._wake_in.recv(4096):
+                    pass
+        held = time.monotonic() - now
+        for connection in self._active:
+            connection.deadline += held
+        return True
 
     def _start(self, planned: Planned) -> None:
         """Send the GET for one object on an idle connection to its host, or open one for it first."""
@@ -2203,6 +2415,8 @@ class SmallObjectLoop:
         sock = socket.create_connection((hostname, port), timeout=self.config.connect_timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
             if address.scheme == "https":
                 sock = self.engine._tls_context().wrap_socket(sock, server_hostname=hostname)
             sock.setblocking(False)
@@ -2243,8 +2457,12 @@ class SmallObjectLoop:
 
     def _receive(self, connection: _LoopConnection) -> None:
         sock = connection.sock
+        limiter = self.limiter
+        if limiter is not None and self._budget <= 0 and connection.planned is not None:
+            connection.deadline = time.monotonic() + self.config.read_timeout_s  # readable: alive, held back
+            return
         try:
-            data = sock.recv(256 * KiB)
+            data = sock.recv(256 * KiB if limiter is None else min(256 * KiB, self._budget))
             while connection.tls and data and sock.pending():  # decrypted bytes select() cannot see
                 data += sock.recv(sock.pending())
         except self._would_block:
@@ -2252,6 +2470,11 @@ class SmallObjectLoop:
         except OSError as exc:
             self._broken(connection, exc)
             return
+        if limiter is not None:
+            self._budget -= len(data)
+            if self._budget < 0:  # decrypted bytes past the budget (a TLS record): paid for by later readers
+                limiter.reserve(-self._budget)
+                self._budget = 0
         planned = connection.planned
         if planned is None:  # an idle connection became readable: the server closed it
             self._close(connection)
@@ -3440,9 +3663,15 @@ class Filters:
     min_size: int = 0
     max_size: int | None = None
     shard: tuple[int, int] | None = None
+    #: Epoch seconds: objects modified before this are left out (--max-age), at or after that (--min-age).
+    modified_since: float | None = None
+    modified_before: float | None = None
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Filters:
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None, now: float | None = None) -> Filters:
+        """``now`` (epoch seconds, default the clock) anchors --max-age/--min-age durations: read once, when
+        the run starts, so every object of the run is judged against the same instant."""
+        now = time.time() if now is None else now
         extensions = tuple(
             (ext if ext.startswith(".") else "." + ext).lower() for ext in config.file_extensions if ext.strip(".")
         )
@@ -3453,7 +3682,65 @@ class Filters:
             min_size=int(config.min_file_size_mb * MiB),
             max_size=None if config.max_file_size_mb is None else int(config.max_file_size_mb * MiB),
             shard=parse_shard(config.shard, os.environ if environ is None else environ) if config.shard else None,
+            modified_since=None if config.max_age is None else age_cutoff(config.max_age, now),
+            modified_before=None if config.min_age is None else age_cutoff(config.min_age, now),
         )
+
+
+#: rclone's duration units in seconds (its month is 30 days and its year 365).
+AGE_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "M": 30 * 86400, "y": 365 * 86400}
+#: The longest duration taken: 1,000 years.
+MAX_AGE_S = 1000 * AGE_UNITS["y"]
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|M|y)")
+
+
+def age_text(value: Any) -> str:
+    """A --max-age/--min-age value as text: YAML reads an unquoted ``2026-01-31`` as a date and ``3600`` as a
+    number, and both mean what they would as text (a UTC midnight, seconds)."""
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:g}"
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value.strip()
+
+
+def age_value(value: Any) -> str:
+    """A --max-age/--min-age value checked and kept as text: its instant depends on when the run starts."""
+    text = age_text(value)
+    age_cutoff(text, 0.0)
+    return text
+
+
+def age_cutoff(text: str, now: float) -> float:
+    """The instant (epoch seconds) a --max-age/--min-age value names: ``now`` minus a duration in rclone's
+    syntax ('7d', '36h', '1h30m', '1.5d'; a bare number is seconds, as in rclone), or an ISO 8601 time.
+
+    A time without a zone is UTC, as S3's LastModified is, so a cron job means the same on every machine
+    (rclone would read it as local time). Raises ValueError for anything else.
+    """
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    elif text and _AGE_PART.sub("", text) == "" and _AGE_PART.match(text):
+        seconds = sum(float(number) * AGE_UNITS[unit] for number, unit in _AGE_PART.findall(text))
+    else:
+        seconds = None
+    if seconds is not None:
+        if seconds > MAX_AGE_S:  # a typo, and a date before year 1 that no log line could print
+            raise ValueError(text)
+        return now - seconds
+    if not re.match(r"\d{4}-\d{2}-\d{2}", text):  # fromisoformat also takes '20260131', too easily a typo
+        raise ValueError(text)
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def cutoff_text(moment: float) -> str:
+    """An age cut-off for the log: a UTC time to the second."""
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def parse_shard(text: str, environ: Mapping[str, str], name: str = "config key 'shard'") -> tuple[int, int]:
@@ -3503,6 +3790,10 @@ def filter_reason(obj: S3Object, filters: Filters) -> str | None:
         return "size < min"
     if filters.max_size is not None and obj.size > filters.max_size:
         return "size > max"
+    if filters.modified_since is not None and obj.last_modified < filters.modified_since:
+        return "age > max"
+    if filters.modified_before is not None and obj.last_modified >= filters.modified_before:
+        return "age < min"
     return None
 
 
@@ -3903,6 +4194,7 @@ class Transfer:
         pinned: bool = False,
         halt: Callable[[str], None] | None = None,
         inventory: bool = False,
+        limiter: BandwidthLimiter | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -3930,6 +4222,8 @@ class Transfer:
         self._routes: dict[tuple[str, str], str] = {}
         #: Local files being hashed (--checksum, --verify-local): at most HASH_THREADS at once.
         self._hashing = threading.BoundedSemaphore(min(HASH_THREADS, config.parallel_downloads))
+        #: The run's bandwidth cap, shared with the small-object loop; None: reads take no lock.
+        self.limiter = limiter
 
     # -- the boundary ---------------------------------------------------------------------------------------
 
@@ -4416,15 +4710,25 @@ class Transfer:
         A read error is returned, not raised, so the caller still learns how far the body got and resumes the
         next request from there.
         """
-        chunk_size = self.config.chunk_size
+        chunk_size, limiter = self.config.chunk_size, self.limiter
         got = 0
         while offset < end:
             if self.stop.is_set():
                 raise Interrupted()
+            want = min(chunk_size, end - offset)
+            if limiter is not None:
+                want = min(want, limiter.quantum)
+                wait = limiter.reserve(want)
+                if wait > 0 and self.stop.wait(wait):
+                    raise Interrupted()
             try:
-                chunk = response.read(min(chunk_size, end - offset))
+                chunk = response.read(want) if limiter is None else self._read_reserved(response, want)
             except Exception as exc:
+                if limiter is not None:
+                    limiter.refund(want)
                 return offset, got, exc
+            if limiter is not None and len(chunk) < want:
+                limiter.refund(want - len(chunk))
             if not chunk:
                 break
             _pwrite_all(fd, chunk, offset)
@@ -4436,6 +4740,25 @@ class Transfer:
             if checkpoint is not None:
                 checkpoint(offset)
         return offset, got, None
+
+    @staticmethod
+    def _read_reserved(response: Response, want: int) -> bytes:
+        """Under a bandwidth cap, the ``want`` bytes reserved and waited for, read whole (short only at the
+        body's end). One read returns what has arrived, often a receive buffer's worth: giving the rest back
+        would let others read in its place while readers queued behind it still wait their original turn,
+        and the run then read up to a third above the cap in its last second (benchmarks/bandwidth.py)."""
+        chunk = response.read(want)
+        if len(chunk) == want or not chunk:
+            return chunk
+        pieces = [chunk]
+        have = len(chunk)
+        while have < want:
+            piece = response.read(want - have)
+            if not piece:
+                break
+            pieces.append(piece)
+            have += len(piece)
+        return b"".join(pieces)
 
     def _fetch_parts(self, obj: S3Object, target: Path, parts: list[Part], route: Route) -> tuple[str | None, int]:
         """Ranged GETs in parallel into a preallocated temp file; parts done, and the bytes on disk inside the
@@ -5669,9 +5992,11 @@ class Progress:
     #: Seconds between redraws of a text bar in a notebook, where every redraw is a chunk of the cell's output.
     NOTEBOOK_TEXT_REFRESH_S = 1.0
 
-    def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float) -> None:
+    def __init__(self, tally: Tally, *, bar: bool, log_lines: bool, interval: float, cap: int | None = None) -> None:
         self.tally = tally
         self.interval = interval
+        #: The --max-bandwidth cap (bytes per second) shown beside the speed, so a slow run explains itself.
+        self.cap_text = f"{format_size(cap)}/s" if cap else ""
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._bar: Any = None
@@ -5704,7 +6029,8 @@ class Progress:
 
     def _postfix(self) -> str:
         tally = self.tally
-        return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s"
+        cap = f", Cap={self.cap_text}" if self.cap_text else ""
+        return f"Success={tally.downloaded + tally.skipped}, Failed={tally.failed}, Speed={self._speed():.1f} MB/s{cap}"
 
     def _bar_format(self) -> str:
         """tqdm's fields for the bytes ({percentage}, {bar}, {elapsed}<{remaining}); the files as plain text."""
@@ -5740,7 +6066,7 @@ class Progress:
         tally = self.tally
         done, to_fetch = self._fetched()
         log.info(
-            "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s of %s fetched at %.1f MB/s",
+            "Progress: %s of %s files done (%s downloaded, %s skipped, %s failed), %s of %s fetched at %.1f MB/s%s",
             f"{tally.finished:,}",
             f"{tally.total:,}",
             f"{tally.downloaded:,}",
@@ -5749,6 +6075,7 @@ class Progress:
             format_size(done),
             format_size(to_fetch),
             self._speed(),
+            f" (cap {self.cap_text})" if self.cap_text else "",
         )
 
     def _draw(self, final: bool = False) -> None:
@@ -6020,6 +6347,10 @@ class _Workers:
         workers = config.parallel_downloads
         self.object_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-object")
         self.part_pool = ThreadPoolExecutor(workers, thread_name_prefix="adl-part")
+        #: One cap for every connection, threads and loop alike (--max-bandwidth).
+        self.limiter = BandwidthLimiter(config.max_bandwidth) if config.max_bandwidth else None
+        if config.max_bandwidth:
+            log.info("Download rate capped at %s/s for the whole run", format_size(config.max_bandwidth))
         self.transfer = Transfer(
             run.engine,
             config,
@@ -6032,6 +6363,7 @@ class _Workers:
             or (run.inventory is not None and not config.inventory_fetch_changed),
             halt=run.halt,
             inventory=run.inventory is not None,
+            limiter=self.limiter,
         )
         #: Objects handed to the threads and not finished yet: bounded, so listing never runs far ahead.
         self.in_flight = threading.BoundedSemaphore(workers * 4)
@@ -6059,7 +6391,8 @@ class _Workers:
 
     def _loop(self) -> SmallObjectLoop:
         if self.loop is None:
-            loop = self.run.engine.small_loop(self.run.config, self.run.stop, self.deliver, self.fallback, self.stopped)
+            run = self.run
+            loop = run.engine.small_loop(run.config, run.stop, self.deliver, self.fallback, self.stopped, self.limiter)
             assert loop is not None, "routed to the loop by an engine without one"
             self.loop = loop
         return self.loop
@@ -6251,6 +6584,18 @@ class _Run:
         self.as_of = parse_as_of(config.as_of) if config.as_of and not manifest_run else None
         if config.delete and not manifest_run and not self.verify_local:  # --verify-local writes nothing
             self.mirror = Mirror(self.root, self.filters, self.root / config.resume_file, self.own_files)
+        if self.filters.modified_since is not None:
+            log.info(
+                "Keeping objects modified since %s (max age %s)",
+                cutoff_text(self.filters.modified_since),
+                config.max_age,
+            )
+        if self.filters.modified_before is not None:
+            log.info(
+                "Keeping objects modified before %s (min age %s)",
+                cutoff_text(self.filters.modified_before),
+                config.min_age,
+            )
         session = make_session(config, self.credentials, self.redactor)
         if self.credentials.access_key:
             log.info("Using access key %s", mask_access_key(self.credentials.access_key))
@@ -6325,6 +6670,7 @@ class _Run:
             bar=watched and not self.dry_run,
             log_lines=not config.quiet and not self.dry_run,
             interval=config.progress_interval_s,
+            cap=config.max_bandwidth,
         )
         self.budget = DiskBudget(self.root, config.check_disk_space and not self.dry_run and not self.verify_local)
 
