@@ -33,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import run_benchmark as bench  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from listing_cpu import seeded_bucket  # noqa: E402  (the same cached bucket)
 
 
 def first_file(directory: Path, size: int, suffix: str = ".bin") -> bool:
@@ -83,14 +84,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another copy of aws_data_downloader.py, run as adl-baseline")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "listing-cpu")
     args = parser.parse_args()
-    bench.ensure_requirements()
-    workload = bench.Workload("ttfb", f"bench-cpu-{args.count}", args.count, 64, prefixes=args.prefixes)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    server = bench.SeaweedFS(bench.find_binary("weed"), args.workdir / "seaweedfs")  # type: ignore[arg-type]
-    server.start()
-    try:
-        env = bench.tool_env(args.workdir, server.endpoint)
-        bench.seed(args.workdir, server, workload, bench.s5cmd_binary(), env)  # type: ignore[arg-type]
+    with seeded_bucket(args.workdir, args.count, args.prefixes) as (workload, server, env):
         with FaultProxy(server.endpoint) as proxy:
             proxy.delay(seconds=args.delay_ms / 1000, where=lambda request: "list-type=2" in request.query)
             tools = {"adl": bench.TOOL_SCRIPT, **({"adl-baseline": args.baseline} if args.baseline else {})}
@@ -136,8 +130,6 @@ def main() -> None:
         )
         for name, values in times.items():
             print(f"  {name:<13} median {statistics.median(values):.3f} s   min {min(values):.3f} s")
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

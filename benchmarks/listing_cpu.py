@@ -19,6 +19,7 @@ on disk and in the journal (so each key is a stat and a journal lookup, then a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import logging
@@ -28,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -37,6 +39,23 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import run_benchmark as bench  # noqa: E402  (the server and its cached seeding)
 
 import aws_data_downloader as adl  # noqa: E402
+
+
+@contextlib.contextmanager
+def seeded_bucket(workdir: Path, count: int, prefixes: int) -> Iterator[tuple[Any, Any, dict[str, str]]]:
+    """A SeaweedFS serving ``count`` 64 B keys under ``prefixes`` folders (seeded once, cached in ``workdir``):
+    (workload, server, the tools' environment). first_file.py lists the same bucket."""
+    bench.ensure_requirements()
+    workload = bench.Workload("ttfb", f"bench-cpu-{count}", count, 64, prefixes=prefixes)
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = bench.SeaweedFS(bench.find_binary("weed"), workdir / "seaweedfs")  # type: ignore[arg-type]
+    server.start()
+    try:
+        env = bench.tool_env(workdir, server.endpoint)
+        bench.seed(workdir, server, workload, bench.s5cmd_binary(), env)  # type: ignore[arg-type]
+        yield workload, server, env
+    finally:
+        server.stop()
 
 
 def list_everything(config: adl.Config, creds: adl.Credentials) -> list[list[adl.S3Object]]:
@@ -105,14 +124,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "listing-cpu")
     args = parser.parse_args()
-    bench.ensure_requirements()
-    workload = bench.Workload("ttfb", f"bench-cpu-{args.count}", args.count, 64, prefixes=args.prefixes)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    server = bench.SeaweedFS(bench.find_binary("weed"), args.workdir / "seaweedfs")  # type: ignore[arg-type]
-    server.start()
-    try:
-        env = bench.tool_env(args.workdir, server.endpoint)
-        bench.seed(args.workdir, server, workload, bench.s5cmd_binary(), env)  # type: ignore[arg-type]
+    with seeded_bucket(args.workdir, args.count, args.prefixes) as (workload, server, env):
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
         config = adl.build_config({"buckets": [workload.bucket], "endpoint_url": server.endpoint})
         creds = adl.Credentials(bench.ACCESS_KEY, bench.SECRET_KEY, None)
@@ -126,8 +138,6 @@ def main() -> None:
             flush=True,
         )
         measure(config, pages, keys, args.repeat, args.profile)
-    finally:
-        server.stop()
 
 
 def measure(config: adl.Config, pages: list[list[adl.S3Object]], keys: int, repeat: int, profile: bool) -> None:
