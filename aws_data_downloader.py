@@ -4554,17 +4554,11 @@ class Transfer:
         An object with no usable checksum gets ``fallback``, the size-and-date decision a run without
         --checksum makes, and is counted as unverifiable.
         """
-        if self.stop.is_set():
-            return DownloadResult(obj, "interrupted", "stopped")
         started = time.monotonic()
-        try:
-            check = self.compare_local(obj, target)
-        except Interrupted:
-            return DownloadResult(obj, "interrupted", "stopped")
-        except ObjectChanged:  # replaced since it was listed: the download fetches the new version
-            check = LocalCheck("differ", "", "the object changed since it was listed")
-        except Exception as exc:
-            return self._failed(obj, exc, 1)
+        # Replaced since it was listed: the download fetches the new version.
+        check = self._checked(obj, target, changed=LocalCheck("differ", "", "the object changed since it was listed"))
+        if isinstance(check, DownloadResult):
+            return check
         if check.outcome == "match":
             obj = self._take_version(obj)
             with contextlib.suppress(OSError):  # its date, as a download would have set it (rclone does too)
@@ -4585,15 +4579,10 @@ class Transfer:
 
     def verify_local(self, obj: S3Object, target: Path) -> DownloadResult:
         """--verify-local: is the local file the object's bytes? Reads it and asks S3; writes nothing."""
-        if self.stop.is_set():
-            return DownloadResult(obj, "interrupted", "stopped")
         started = time.monotonic()
-        try:
-            check = self.compare_local(obj, target)
-        except Interrupted:
-            return DownloadResult(obj, "interrupted", "stopped")
-        except Exception as exc:  # the object changed or went away since it was listed, denied, ...
-            return self._failed(obj, exc, 1)
+        check = self._checked(obj, target)  # an object changed or gone since it was listed fails
+        if isinstance(check, DownloadResult):
+            return check
         obj = self._take_version(obj)
         seconds = time.monotonic() - started
         if check.outcome == "match":
@@ -4607,6 +4596,20 @@ class Transfer:
         return DownloadResult(
             obj, "failed", reason, str(target), local_check="differ", detail=check.detail, seconds=seconds
         )
+
+    def _checked(self, obj: S3Object, target: Path, changed: LocalCheck | None = None) -> LocalCheck | DownloadResult:
+        """compare_local, or the result that ends the object instead: stopped, or failed (denied, gone, ...).
+        An object replaced since it was listed fails too, unless ``changed`` says what that means instead."""
+        if self.stop.is_set():
+            return DownloadResult(obj, "interrupted", "stopped")
+        try:
+            return self.compare_local(obj, target)
+        except Interrupted:
+            return DownloadResult(obj, "interrupted", "stopped")
+        except ObjectChanged as exc:
+            return changed if changed is not None else self._failed(obj, exc, 1)
+        except Exception as exc:
+            return self._failed(obj, exc, 1)
 
     def compare_local(self, obj: S3Object, target: Path) -> LocalCheck:
         """Hash the local file by the checksum a download would verify it with (choose_hasher, or the
