@@ -6,7 +6,7 @@
 It writes the data files locally (a temporary directory) and serves them to an InventoryReader through a stub
 engine that reads those files, so what is timed is the run's own path, without a server: fetch into the temp
 file with its MD5 checked, gunzip, CSV, one S3Object per row, then what _Run.planned_pages does with each page
-(filter_reason, plan_object against an empty download directory); the reading alone is timed first. Peak RSS (ru_maxrss) is printed after the
+(filter_reason, plan_object with the run's LocalTree against an empty download directory); the reading alone is timed first. Peak RSS (ru_maxrss) is printed after the
 data files are built and again after planning, and the RSS at every 100,000th row, so a growth would show.
 """
 
@@ -112,10 +112,11 @@ def main() -> None:
         planned = to_fetch = 0
         next_mark = 100_000
         started, cpu = time.perf_counter(), time.process_time()
+        files = adl.LocalTree()
         for page in reader.pages((), set(), filtered):
             for obj in page:
                 if adl.filter_reason(obj, filters) is None:
-                    plan = adl.plan_object(obj, root, False, journal)
+                    plan = adl.plan_object(obj, root, False, journal, files=files)
                     to_fetch += plan.result is None
             planned += len(page)
             if planned >= next_mark:

@@ -162,6 +162,13 @@ def measure(config: adl.Config, pages: list[list[adl.S3Object]], keys: int, repe
             repeat,
             profile,
         )
+        timed(
+            "plan_object, as above, with the run's LocalTree",
+            keys,
+            lambda: [adl.plan_object(o, root, False, null, files=tree) for tree in [adl.LocalTree()] for o in objects],
+            repeat,
+            profile,
+        )
         tally = adl.Tally()
         timed(
             "Tally.add_selected per page + record per key",

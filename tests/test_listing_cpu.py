@@ -103,3 +103,57 @@ def test_plan_object_skips_a_present_file_and_gives_its_path_as_text(tmp_path: P
     skip = adl.plan_object(obj, tmp_path, False, adl.NullJournal())
     assert skip.result is not None and skip.result.status == "skipped"
     assert skip.result.path == str(tmp_path / "b" / "d" / "k.bin")
+
+
+def placed(tree: adl.LocalTree, root: str, key: str) -> str:
+    try:
+        return tree.place(root, "b", key)
+    except adl.UnsafeKeyError as exc:
+        return f"refused: {exc}"
+
+
+def test_the_run_s_local_tree_places_every_key_as_local_name_for_does_folder_after_folder(tmp_path: Path) -> None:
+    """The tree checks a folder once and then only each name in it: hostile names in a known-good folder, and
+    good names in a bad one, must still be refused with local_name_for's own reasons."""
+    import random
+
+    rng = random.Random(13)
+    parts = ["a", "b c", ".", "..", "", "x\x00", "é" * 64, "y" * 256, "\u2028", "ok.bin", "a+b%2F"]
+    tree, root = adl.LocalTree(), str(tmp_path)
+    for _ in range(20_000):
+        key = "/".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))
+        try:
+            expected = adl.local_name_for(root, "b", key)
+        except adl.UnsafeKeyError as exc:
+            expected = f"refused: {exc}"
+        assert placed(tree, root, key) == expected, key
+    assert tree.folders  # the good folders were remembered
+
+
+def test_the_run_s_local_tree_remembers_a_missing_folder_and_sees_files_in_a_present_one(tmp_path: Path) -> None:
+    """A folder found missing is not looked at again (nothing but the run writes there, and only keys it has not
+    planned yet); a folder that exists is, so a file in it is always seen."""
+    tree = adl.LocalTree()
+    missing = tree.place(str(tmp_path), "b", "new/k1.bin")
+    assert tree.lstat(missing) is None
+    (tmp_path / "b" / "new").mkdir(parents=True)
+    (tmp_path / "b" / "new" / "k1.bin").write_bytes(b"1")
+    assert tree.lstat(missing) is None  # remembered: the planner has passed this folder's keys
+    assert adl.LocalTree().lstat(missing) is not None  # a new run looks again
+    (tmp_path / "b" / "old").mkdir()
+    present = tree.place(str(tmp_path), "b", "old/k2.bin")
+    assert tree.lstat(present) is None
+    (tmp_path / "b" / "old" / "k2.bin").write_bytes(b"22")
+    found = tree.lstat(present)
+    assert found is not None and found.st_size == 2
+
+
+def test_a_run_s_plan_skips_present_files_beside_missing_folders(tmp_path: Path) -> None:
+    root = tmp_path / "dl"
+    (root / "b" / "have").mkdir(parents=True)
+    (root / "b" / "have" / "k.bin").write_bytes(b"abc")
+    tree, journal = adl.LocalTree(), adl.NullJournal()
+    objects = [adl.S3Object("b", key, 3, "e", 1_000.0) for key in ("gone/a.bin", "gone/b.bin", "have/k.bin")]
+    plans = [adl.plan_object(obj, root, False, journal, files=tree) for obj in objects]
+    assert [plan.result.status if plan.result else "fetch" for plan in plans] == ["fetch", "fetch", "skipped"]
+    assert tree.missing == {str(root / "b" / "gone")}
