@@ -4113,7 +4113,8 @@ class Route:
     why: str
     #: For "parts": cut on the object's own upload parts (to rebuild its multipart ETag), not on part_size.
     own_parts: bool = False
-    #: The full-object CRC the ranges' CRCs combine into, for "parts" verified by one.
+    #: The full-object CRC the ranges' CRCs combine into, for "parts" verified by one; or the composite CRC the
+    #: own parts' CRCs rebuild (``checksum.parts``).
     checksum: FullChecksum | None = None
 
 
@@ -4134,6 +4135,10 @@ def route_for(obj: S3Object, config: Config, small_loop: bool, head: Mapping[str
             if large:
                 return Route("parts", f"verified by its {checksum.algorithm}: ranges combined", checksum=checksum)
             return Route("stream", f"verified by its {checksum.algorithm} in one GET")
+        composite = composite_checksum(head) if checksum is None else None
+        if composite is not None:
+            why = f"composite {composite.algorithm}: its own upload parts' CRCs rebuild it"
+            return Route("parts", why, own_parts=True, checksum=composite)
         if multipart:
             return Route("parts", "multipart ETag: verified part by part on its own upload parts", own_parts=True)
         return Route("stream", "large, verified by MD5: one hashed stream with resume checkpoints")
@@ -4479,7 +4484,10 @@ class Transfer:
             route = route_for(obj, self.config, False, self._head(obj))
         self._routes[(obj.bucket, obj.key)] = route.path
         if route.path == "parts":
-            parts = self._own_parts(obj) if route.own_parts else plan_parts(obj.size, self.config.part_size)
+            if route.own_parts:
+                parts = self._own_parts(obj, route.checksum.parts if route.checksum else 0)
+            else:
+                parts = plan_parts(obj.size, self.config.part_size)
             return self._fetch_parts(obj, target, parts, route)
         return self._fetch_stream(obj, target, tries)
 
@@ -4503,9 +4511,10 @@ class Transfer:
             raise
         return int(headers["content-length"])
 
-    def _own_parts(self, obj: S3Object) -> list[Part]:
-        """The object's upload parts, so per-part MD5s can rebuild its multipart ETag."""
-        count = int(obj.etag.rsplit("-", 1)[1])
+    def _own_parts(self, obj: S3Object, count: int = 0) -> list[Part]:
+        """The object's upload parts, so per-part MD5s can rebuild its multipart ETag, or per-part CRCs its
+        composite checksum; ``count`` is the part count when the ETag does not tell it (an SSE-KMS one)."""
+        count = count or int(obj.etag.rsplit("-", 1)[1])
         if count == 1:
             return plan_parts(obj.size, max(obj.size, 1))
         first = self._part_size(obj, 1)
@@ -4972,14 +4981,21 @@ class Transfer:
         if not self.config.verify_checksums:
             return None
         expected = route.checksum
+        note = self._opaque_etags.pop((obj.bucket, obj.key), None)
         if expected is not None:
             name = expected.algorithm
-            pieces = [(int(done[part.index].partition(":")[2], 16), part.size) for part in parts]
-            actual = crc_base64(name, combine_crcs(name, pieces))
-            if actual != expected.value:
-                raise ChecksumMismatch(f"{name} of the combined ranges {actual} != {expected.value}")
+            crcs = [int(done[part.index].partition(":")[2], 16) for part in parts]
+            if expected.parts:
+                joined = b"".join(crc.to_bytes(4, "big") for crc in crcs)
+                actual = f"{crc_base64(name, crc_function(name)(joined, 0))}-{len(parts)}"
+                if actual != expected.value:
+                    raise ChecksumMismatch(f"composite {name} of the parts {actual} != {expected.value}")
+            else:
+                pieces = [(crc, part.size) for crc, part in zip(crcs, parts, strict=True)]
+                actual = crc_base64(name, combine_crcs(name, pieces))
+                if actual != expected.value:
+                    raise ChecksumMismatch(f"{name} of the combined ranges {actual} != {expected.value}")
             return f"{name}:{actual}"
-        note = self._opaque_etags.pop((obj.bucket, obj.key), None)
         if note:  # an encrypted multipart object: its ETag is no MD5 of MD5s either
             return f"unverifiable: {note}"
         digests = [bytes.fromhex(done[part.index]) for part in parts]
@@ -5077,7 +5093,10 @@ class FullChecksum:
     """An S3 checksum of the whole object, as an answer with x-amz-checksum-mode: ENABLED carries it."""
 
     algorithm: str  #: "crc64nvme", "crc32c", "crc32", "sha256" or "sha1"
-    value: str  #: base64 of the big-endian value, as S3 sends it
+    value: str  #: base64 of the big-endian value, as S3 sends it ("<base64>-N" for a composite one)
+    #: For a COMPOSITE checksum, its N: the upload's part count. It is the checksum of the parts' checksums, so
+    #: it verifies the bytes only when they are fetched on the object's own part boundaries. 0: full-object.
+    parts: int = 0
 
 
 def full_checksum(headers: Mapping[str, str]) -> FullChecksum | None:
@@ -5091,6 +5110,26 @@ def full_checksum(headers: Mapping[str, str]) -> FullChecksum | None:
         value = headers.get(f"x-amz-checksum-{name}")
         if value and "-" not in value and (name not in ("crc32c", "crc64nvme") or _awscrt_checksums() is not None):
             return FullChecksum(name, value)
+    return None
+
+
+def composite_checksum(headers: Mapping[str, str]) -> FullChecksum | None:
+    """A multipart upload's COMPOSITE CRC32C or CRC32 (``<base64>-N``: the CRC of its parts' CRCs, big-endian,
+    concatenated), which this machine can rebuild from the CRCs of the object's own parts; or None.
+
+    It is what a multipart upload with CRC32/CRC32C checksums and no ChecksumType gets, and the only checksum of
+    an SSE-KMS multipart object, whose ETag is no MD5 (S3 user guide, "Checking object integrity"; SeaweedFS 4.48
+    stores them too). S3 allows no composite CRC64NVME; composite SHAs are left to the ETag.
+    """
+    if headers.get("x-amz-checksum-type", "COMPOSITE").upper() != "COMPOSITE":
+        return None
+    for name in ("crc32c", "crc32"):
+        value = headers.get(f"x-amz-checksum-{name}", "")
+        count = value.rpartition("-")[2]
+        if "-" in value and count.isdigit() and int(count) >= 1:
+            if name == "crc32c" and _awscrt_checksums() is None:
+                return None
+            return FullChecksum(name, value, parts=int(count))
     return None
 
 

@@ -204,31 +204,114 @@ def test_an_interrupted_crc_object_resumes_only_its_missing_ranges(
     assert entry["checksum"] == f"crc64nvme:{crc64(body)}"
 
 
-def test_a_composite_checksum_falls_back_to_the_multipart_etag(store, tmp_path: Path) -> None:
-    """A COMPOSITE checksum is a checksum of the parts' checksums, not of the bytes; SeaweedFS returns no part
-    checksums for partNumber GETs, so the ETag (part MD5s) verifies the object."""
-    seaweed, bucket, client = store
-    body = random.Random(4).randbytes(11 * MiB)
-    upload = client.create_multipart_upload(Bucket=bucket, Key="composite.bin", ChecksumAlgorithm="CRC32C")
+def put_composite_multipart(client, bucket: str, key: str, body: bytes, algorithm: str, part_size: int = 5 * MiB):
+    """A multipart upload with CRC32/CRC32C part checksums and no ChecksumType: S3 gives it a COMPOSITE
+    checksum (the CRC of the parts' CRCs, "-N"); returns (ETag, that checksum as HEAD shows it)."""
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm=algorithm)
+    field = f"Checksum{algorithm}"
     parts = []
-    for number, start in enumerate(range(0, len(body), 5 * MiB), 1):
+    for number, start in enumerate(range(0, len(body), part_size), 1):
         answer = client.upload_part(
             Bucket=bucket,
-            Key="composite.bin",
+            Key=key,
             UploadId=upload["UploadId"],
             PartNumber=number,
-            Body=body[start : start + 5 * MiB],
-            ChecksumAlgorithm="CRC32C",
+            Body=body[start : start + part_size],
+            ChecksumAlgorithm=algorithm,
         )
-        parts.append({"ETag": answer["ETag"], "PartNumber": number, "ChecksumCRC32C": answer["ChecksumCRC32C"]})
+        parts.append({"ETag": answer["ETag"], "PartNumber": number, field: answer[field]})
     etag = client.complete_multipart_upload(
-        Bucket=bucket, Key="composite.bin", UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
     )["ETag"].strip('"')
-    head = client.head_object(Bucket=bucket, Key="composite.bin", ChecksumMode="ENABLED")
-    assert head.get("ChecksumType") == "COMPOSITE" and head["ChecksumCRC32C"].endswith("-3")
+    head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    assert head.get("ChecksumType") == "COMPOSITE" and head[field].endswith(f"-{len(parts)}")
+    return etag, head[field]
 
-    summary = download(seaweed.endpoint, bucket, tmp_path, **LARGE)
+
+def composite_of(body: bytes, part_size: int, crc) -> str:
+    """What S3 computes: the CRC of the big-endian part CRCs, concatenated, and the part count."""
+    pieces = [body[start : start + part_size] for start in range(0, len(body), part_size)]
+    joined = b"".join(crc(piece, 0).to_bytes(4, "big") for piece in pieces)
+    return f"{base64.b64encode(crc(joined, 0).to_bytes(4, 'big')).decode()}-{len(pieces)}"
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "CRC32C"])
+def test_a_composite_checksum_is_rebuilt_from_the_crcs_of_the_object_s_own_parts(
+    store, tmp_path: Path, algorithm: str
+) -> None:
+    """A COMPOSITE checksum is a checksum of the parts' checksums, not of the bytes: fetched on its own upload
+    parts (partNumber HEADs find them), each part's CRC is taken as it streams and the composite rebuilt from
+    them, so the object is verified by its CRC and not by MD5s of its parts (nor left unverified when its ETag
+    is no MD5, as an SSE-KMS one's is)."""
+    seaweed, bucket, client = store
+    body = random.Random(4).randbytes(11 * MiB)
+    etag, composite = put_composite_multipart(client, bucket, "composite.bin", body, algorithm)
+    crc = zlib.crc32 if algorithm == "CRC32" else adl.crc_function("crc32c")
+    assert composite == composite_of(body, 5 * MiB, crc)
+
+    with FaultProxy(seaweed.endpoint) as proxy:
+        summary = download(proxy.url, bucket, tmp_path, **LARGE)
+        ranges = sorted(r.range for r in proxy.requests("GET", key="composite.bin"))
 
     assert summary.ok and (tmp_path / "d" / bucket / "composite.bin").read_bytes() == body
-    assert journal(tmp_path, bucket)["composite.bin"]["checksum"] == f"md5-multipart:{etag}"
+    assert journal(tmp_path, bucket)["composite.bin"]["checksum"] == f"{algorithm.lower()}:{composite}"
+    assert ranges == [(0, 5 * MiB - 1), (5 * MiB, 10 * MiB - 1), (10 * MiB, 11 * MiB - 1)], "its own parts"
     assert hashlib.md5(body).hexdigest() != etag
+
+
+@pytest.mark.parametrize("times", [1, 10], ids=["once", "every-time"])
+def test_a_byte_flipped_in_one_part_of_a_composite_object_never_reaches_the_final_file(
+    store, tmp_path: Path, times: int
+) -> None:
+    """The rebuilt composite cannot say which part was bad either: the object is fetched again, and after
+    retry_attempts bad fetches it fails with "checksum mismatch", nothing renamed into place."""
+    seaweed, bucket, client = store
+    body = random.Random(5).randbytes(11 * MiB)
+    put_composite_multipart(client, bucket, "flip.bin", body, "CRC32")
+
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.flip(key="flip.bin", at=77, times=times, where=lambda r: r.range is not None and r.range[0] == 5 * MiB)
+        summary = download(proxy.url, bucket, tmp_path, **LARGE)
+        gets = proxy.requests("GET", key="flip.bin")
+
+    target = tmp_path / "d" / bucket / "flip.bin"
+    if times == 1:
+        assert summary.ok and target.read_bytes() == body
+        assert len(gets) == 2 * 3, "the whole object once more: every part"
+    else:
+        assert [(f.key, f.reason) for f in summary.failures] == [("flip.bin", "checksum mismatch")]
+        assert not target.exists() and not list(target.parent.glob(".adl-*"))
+        assert len(gets) == 3 * 3, "the first fetch and retry_attempts (2) more"
+
+
+def test_an_interrupted_composite_object_resumes_only_its_missing_parts(
+    store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each finished part's CRC is journaled, so the re-run rebuilds the composite without reading them back."""
+    seaweed, bucket, client = store
+    body = random.Random(6).randbytes(5 * MiB * 3 + 12345)
+    _, composite = put_composite_multipart(client, bucket, "resume.bin", body, "CRC32C")
+    settings = {**FAST, **LARGE, "buckets": [bucket], "download_dir": str(tmp_path / "d"), "parallel_downloads": 1}
+    record_part = adl.ResumeJournal.record_part
+    recorded: list[int] = []
+
+    with FaultProxy(seaweed.endpoint) as proxy:
+        downloader = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url})
+
+        def record_then_stop(self, obj, layout, index, digest):
+            record_part(self, obj, layout, index, digest)
+            recorded.append(index)
+            if len(recorded) == 2:
+                downloader.stop()
+
+        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_then_stop)
+        with pytest.raises(adl.DownloadInterrupted):
+            downloader.run_full_download()
+        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_part)
+        proxy.reset_stats()
+        summary = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url}).run_full_download()
+        second = sorted(r.range for r in proxy.requests("GET", key="resume.bin"))
+
+    assert summary.ok and (tmp_path / "d" / bucket / "resume.bin").read_bytes() == body
+    assert second == [(10 * MiB, 15 * MiB - 1), (15 * MiB, len(body) - 1)], "only the two parts not done"
+    assert journal(tmp_path, bucket)["resume.bin"]["checksum"] == f"crc32c:{composite}"

@@ -63,7 +63,7 @@ SHA256 = {"x-amz-checksum-sha256": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=
         (16 * MiB, MD5, DEFAULTS, True, SHA256, "stream", False),  # a SHA cannot be combined
         (64 * MiB, f"{MD5}-8", DEFAULTS, True, NONE, "parts", True),  # the part MD5s rebuild the ETag
         (64 * MiB, f"{MD5}-8", DEFAULTS, True, CRC64, "parts", False),  # its own part sizes are not needed
-        (64 * MiB, f"{MD5}-8", DEFAULTS, True, COMPOSITE, "parts", True),  # composite: the ETag verifies it
+        (64 * MiB, f"{MD5}-8", DEFAULTS, True, COMPOSITE, "parts", True),  # composite: its own parts' CRCs
         (10 * KiB, f"{MD5}-2", DEFAULTS, True, NONE, "parts", True),
         (10 * KiB, f"{MD5}-2", DEFAULTS, True, CRC64, "stream", False),  # small: one GET verified by the CRC
     ],
@@ -80,7 +80,35 @@ def test_route_for(
     route = adl.route_for(obj(size, etag), config, small_loop, head)
     assert (route.path, route.own_parts) == (path, own_parts), route.why
     assert route.why
-    assert (route.checksum is not None) == (path == "parts" and head is CRC64)
+    assert (route.checksum is not None) == (path == "parts" and head in (CRC64, COMPOSITE))
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (COMPOSITE, ("crc32c", "fW9/vg==-3", 3)),
+        ({"x-amz-checksum-crc32": "O3stkw==-3", "x-amz-checksum-type": "COMPOSITE"}, ("crc32", "O3stkw==-3", 3)),
+        # SSE-KMS: the ETag is no MD5, the composite CRC still verifies the bytes.
+        ({**COMPOSITE, "x-amz-server-side-encryption": "aws:kms"}, ("crc32c", "fW9/vg==-3", 3)),
+        (CRC64, None),  # full-object: not composite
+        ({"x-amz-checksum-crc32": "O3stkw==", "x-amz-checksum-type": "FULL_OBJECT"}, None),
+        ({"x-amz-checksum-sha256": "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=-2"}, None),  # left to the ETag
+        ({"x-amz-checksum-crc32": "O3stkw==-x"}, None),  # no part count
+        (NONE, None),
+    ],
+)
+def test_composite_checksum_takes_a_composite_crc_with_its_part_count(
+    head: dict[str, str], expected: tuple[str, str, int] | None
+) -> None:
+    found = adl.composite_checksum(head)
+    assert (found and (found.algorithm, found.value, found.parts)) == expected
+
+
+def test_a_composite_object_is_cut_on_its_own_parts_even_with_an_etag_that_is_no_md5() -> None:
+    route = adl.route_for(
+        obj(64 * MiB, "kms-opaque-etag"), DEFAULTS, True, {**COMPOSITE, "x-amz-server-side-encryption": "aws:kms"}
+    )
+    assert (route.path, route.own_parts, route.checksum and route.checksum.parts) == ("parts", True, 3)
 
 
 def test_an_object_from_the_multipart_threshold_up_never_takes_the_loop() -> None:
