@@ -4710,8 +4710,8 @@ class Transfer:
             return self._failed(obj, exc, 1)
 
     def compare_local(self, obj: S3Object, target: Path) -> LocalCheck:
-        """Hash the local file by the checksum a download would verify it with (choose_hasher, or the
-        multipart ETag on the object's own parts).
+        """Hash the local file by the checksum a download would verify it with (choose_hasher, or a composite CRC
+        or the multipart ETag on the object's own parts).
 
         A small object's MD5 ETag from the listing needs no request. Anything else asks a HEAD with checksum mode
         first, as route_for does: a multipart or other ETag for its full-object CRC, a large object because a
@@ -4724,6 +4724,9 @@ class Transfer:
             if md5.outcome == "match":
                 return md5
         headers = self._head(obj)
+        composite = composite_checksum(headers) if full_checksum(headers) is None else None
+        if composite is not None:
+            return self._hash_local_composite(obj, target, composite)
         if full_checksum(headers) is None and not encryption_note(headers) and etag_kind(obj.etag) == "multipart":
             return self._hash_local_parts(obj, target)
         if md5 is not None and full_checksum(headers) is None and not encryption_note(headers):
@@ -4752,6 +4755,20 @@ class Transfer:
         except ChecksumMismatch as exc:
             return LocalCheck("differ", "md5-multipart", str(exc))
         return LocalCheck("match", "md5-multipart", record)
+
+    def _hash_local_composite(self, obj: S3Object, target: Path, expected: FullChecksum) -> LocalCheck:
+        """A composite CRC: the CRCs of the local file cut on the object's own upload parts, rebuilt into it."""
+        name = expected.algorithm
+        parts = self._own_parts(obj, expected.parts)
+        digests = [PartHash(name) for _ in parts]
+        try:
+            self._hash_whole(obj, target, [(p.start, p.size, digest) for p, digest in zip(parts, digests, strict=True)])
+        except ChecksumMismatch as exc:
+            return LocalCheck("differ", name, str(exc))
+        actual = composite_crc(name, [digest.value for digest in digests])
+        if actual != expected.value:
+            return LocalCheck("differ", name, f"composite {name} of the parts {actual} != {expected.value}")
+        return LocalCheck("match", name, f"{name}:{actual}")
 
     def _hash_whole(
         self, obj: S3Object, target: Path, pieces: Sequence[tuple[int, int, StreamHasher | PartHash]]
@@ -4986,8 +5003,7 @@ class Transfer:
             name = expected.algorithm
             crcs = [int(done[part.index].partition(":")[2], 16) for part in parts]
             if expected.parts:
-                joined = b"".join(crc.to_bytes(4, "big") for crc in crcs)
-                actual = f"{crc_base64(name, crc_function(name)(joined, 0))}-{len(parts)}"
+                actual = composite_crc(name, crcs)
                 if actual != expected.value:
                     raise ChecksumMismatch(f"composite {name} of the parts {actual} != {expected.value}")
             else:
@@ -5163,6 +5179,12 @@ def combine_crcs(name: str, pieces: Sequence[tuple[int, int]]) -> int:
     for index, (value, length) in enumerate(pieces):
         total = value if index == 0 else combine(total, value, length)
     return total
+
+
+def composite_crc(name: str, part_crcs: Sequence[int]) -> str:
+    """A composite checksum as S3 writes it: the CRC of the parts' big-endian CRCs, concatenated, then "-N"."""
+    joined = b"".join(crc.to_bytes(4, "big") for crc in part_crcs)
+    return f"{crc_base64(name, crc_function(name)(joined, 0))}-{len(part_crcs)}"
 
 
 def crc_base64(name: str, value: int) -> str:

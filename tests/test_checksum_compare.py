@@ -462,3 +462,39 @@ def test_a_full_object_crc64nvme_multipart_object_is_compared_by_its_crc(seaweed
 
     assert report.local_checks == {"differ": 1}
     assert report.failures[0].reason == "differs from S3 (crc64nvme)"
+
+
+def test_a_composite_crc_multipart_object_is_compared_on_its_own_parts_by_its_crc(
+    seaweed: S3Server, tmp_path: Path
+) -> None:
+    """A composite CRC32C is rebuilt from the local file's CRCs cut on the object's own upload parts, so the
+    record is the CRC (an SSE-KMS multipart object has nothing else to compare by), and a flipped byte differs."""
+    from test_checksums import put_composite_multipart
+
+    bucket = f"compare-composite-{random.randrange(10**6)}"
+    body = random.Random(12).randbytes(11 * MiB)
+    client = seaweed.uploading_client()
+    try:
+        client.create_bucket(Bucket=bucket)
+        _, composite = put_composite_multipart(client, bucket, "mp.bin", body, "CRC32C")
+    finally:
+        client.close()
+    path = tmp_path / "data" / bucket / "mp.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(body)
+    with FaultProxy(seaweed.endpoint) as proxy:
+        settings = {**FAST, "buckets": [bucket], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
+        summary = adl.AWSDataDownloader({**settings, "checksum": True, "log_file": ""}).run_full_download()
+        gets = proxy.count("GET", key="mp.bin")
+
+        assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
+        assert gets == 0
+        entry = json.loads((tmp_path / "data" / "download_resume.json").read_text())["completed"][bucket]["mp.bin"]
+        assert entry["checksum"] == f"crc32c:{composite}"
+
+        path.write_bytes(flipped(body, 6 * MiB))
+        (tmp_path / "data" / "download_resume.json").unlink()
+        report = adl.AWSDataDownloader(settings).run_full_download(verify_local=True)
+
+    assert report.local_checks == {"differ": 1}
+    assert report.failures[0].reason == "differs from S3 (crc32c)"
