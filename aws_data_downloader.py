@@ -2032,6 +2032,24 @@ def parse_rate(value: Any) -> int:
 
 #: Seconds of the capped rate that the receive buffers of all connections together may hold.
 RECEIVE_BUFFER_S = 0.1
+#: The smallest receive buffer a capped connection gets (see capped_receive_buffer).
+MIN_RECEIVE_BUFFER = 64 * KiB
+
+
+def capped_connections(config: Config) -> int:
+    """How many connections a run opens: parallel_downloads, or under a low --max-bandwidth as few as leave each
+    one a receive buffer of at least twice MIN_RECEIVE_BUFFER within RECEIVE_BUFFER_S of the cap.
+
+    Every buffer fills once as the run starts, before the limiter can hold anyone back, and each connection has
+    more buffers upstream: at an 8MB/s cap the busiest second took 141% of it with 32 connections (the floor
+    made their buffers 0.25 s of the cap), 125% with 12 and 118% with 6 (benchmarks/bandwidth.py, one run
+    each). Fewer, fuller connections still carry the cap, since the buffers hold RECEIVE_BUFFER_S of it between
+    them whatever their number: a tenth of a second of the cap per round trip of up to 100 ms.
+    """
+    if not config.max_bandwidth:
+        return config.parallel_downloads
+    fits = int(config.max_bandwidth * RECEIVE_BUFFER_S // (2 * MIN_RECEIVE_BUFFER))
+    return max(1, min(config.parallel_downloads, fits))
 
 
 def capped_receive_buffer(config: Config) -> int | None:
@@ -2043,13 +2061,13 @@ def capped_receive_buffer(config: Config) -> int | None:
     A buffer of RECEIVE_BUFFER_S of the rate, shared among the connections (64 KiB to 4 MiB each), keeps that
     burst small; TCP's window then holds the server back. Not below 64 KiB: with 8 KiB buffers a loopback
     connection (its segments are 64 KiB) crawled at a twentieth of a 2MB/s cap, window probe by window probe;
-    so with many connections the first second can still take ~1.4x the cap while the buffers fill once.
+    capped_connections keeps that floor within the share by opening fewer connections under a low cap.
     (The boto3 engine's sockets keep the kernel's.)
     """
     if not config.max_bandwidth:
         return None
     share = config.max_bandwidth * RECEIVE_BUFFER_S / config.parallel_downloads
-    return int(min(4 * MiB, max(64 * KiB, share)))
+    return int(min(4 * MiB, max(MIN_RECEIVE_BUFFER, share)))
 
 
 class BandwidthLimiter:
@@ -7226,6 +7244,15 @@ class AWSDataDownloader:
         if region is not None:
             overrides["region"] = region
         config = self.config.replace(**overrides) if overrides else self.config
+        connections = capped_connections(config)
+        if connections < config.parallel_downloads:
+            log.info(
+                "%d connections instead of %d under the %s/s cap, so their receive buffers hold a tenth of a second",
+                connections,
+                config.parallel_downloads,
+                format_size(config.max_bandwidth or 0),
+            )
+            config = dataclasses.replace(config, parallel_downloads=connections)
         self._stop.clear()
         self.redactor.clear()
         root = Path(config.download_dir).expanduser().absolute()

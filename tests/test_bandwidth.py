@@ -190,6 +190,21 @@ def test_receive_buffers_hold_a_tenth_of_a_second_of_the_cap_between_them() -> N
     assert adl.capped_receive_buffer(config.replace(max_bandwidth="100GB/s", parallel_downloads=1)) == 4 * MiB
 
 
+@pytest.mark.parametrize(
+    ("rate", "parallel", "connections"),
+    [("2MB/s", 32, 1), ("8MB/s", 32, 6), ("8MB/s", 4, 4), ("400Mbit/s", 32, 32), ("100KB/s", 32, 1), (None, 32, 32)],
+)
+def test_a_low_cap_opens_fewer_connections(rate: str | None, parallel: int, connections: int) -> None:
+    """Each connection's buffers fill once at the start, before the limiter holds anyone back: under a low cap,
+    as few connections as leave each a buffer of twice the 64 KiB floor within a tenth of a second of the cap."""
+    config = adl.build_config({"max_bandwidth": rate, "parallel_downloads": parallel})
+    assert adl.capped_connections(config) == connections
+    if rate is not None:
+        capped = config.replace(parallel_downloads=connections)
+        buffers = connections * (adl.capped_receive_buffer(capped) or 0)
+        assert buffers <= max(config.max_bandwidth * adl.RECEIVE_BUFFER_S, 2 * adl.MIN_RECEIVE_BUFFER) + 1
+
+
 # -- capped runs against moto ---------------------------------------------------------------------------------
 
 
@@ -290,3 +305,28 @@ def test_a_capped_run_from_python_with_the_boto3_engine(s3: S3Server, tmp_path: 
     assert summary.downloaded == 5 and summary.failed == 0
     for key, body in files.items():
         assert (tmp_path / "api" / "capapi-bkt" / key).read_bytes() == body
+
+
+def test_a_run_under_a_low_cap_keeps_few_connections_open(
+    s3: S3Server, proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Measured at the proxy, over real sockets: 16 small objects under a 400KB/s cap with --parallel 32 go
+    through one object connection (plus the listing's), not one per object as an uncapped run would open."""
+    rng = random.Random(15)
+    files = {f"s/{index:02d}.bin": rng.randbytes(8 * KiB + index) for index in range(16)}
+    s3.make_bucket("few-conns")
+    for key, body in files.items():
+        s3.put("few-conns", key, body)
+    seen: list[int] = []
+    proxy.on_request(lambda request: seen.append(proxy.open_connections()), key="few-conns/s/")
+    caplog.set_level("INFO", logger="aws_data_downloader")
+    settings = {"buckets": ["few-conns"], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
+    summary = adl.AWSDataDownloader(
+        {**settings, "max_bandwidth": "400KB/s", "parallel_downloads": 32}
+    ).run_full_download()
+
+    assert summary.ok and summary.downloaded == len(files)
+    for key, body in files.items():
+        assert (tmp_path / "data" / "few-conns" / key).read_bytes() == body
+    assert len(seen) == len(files) and max(seen) <= 3, seen
+    assert "1 connections instead of 32 under the 400.0 KB/s cap" in caplog.text
