@@ -239,6 +239,16 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
         maximum=512,
     ),
+    Option(
+        "list_concurrency",
+        "int",
+        16,
+        "Listing requests in flight for one bucket: a prefix of more than a page is split by its sub-prefixes "
+        "('/'), which are listed at once; 1 lists page after page.",
+        "--list-concurrency",
+        minimum=1,
+        maximum=256,
+    ),
     Option("overwrite_existing", "bool", False, "Download again even when a good local copy exists.", "--overwrite"),
     Option(
         "file_extensions",
@@ -493,6 +503,7 @@ class Config:
     buckets: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     parallel_downloads: int = 32
+    list_concurrency: int = 16
     overwrite_existing: bool = False
     file_extensions: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
@@ -1306,6 +1317,12 @@ class Engine(Protocol):
         """One ListObjectsV2 page: its objects (folder markers left out) and the next continuation token."""
         ...
 
+    def list_level(
+        self, bucket: str, prefix: str, token: str | None, start_after: str | None = None, delimiter: str = ""
+    ) -> ListPage:
+        """One ListObjectsV2 page with start-after and a delimiter: its objects, common prefixes and last key."""
+        ...
+
     def list_versions_page(
         self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
     ) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
@@ -1863,6 +1880,20 @@ class HttpEngine:
         if max_keys is not None:
             query.append(("max-keys", str(max_keys)))
         return parse_list_objects_v2(bucket, self._bucket_request(bucket, query))
+
+    def list_level(
+        self, bucket: str, prefix: str, token: str | None, start_after: str | None = None, delimiter: str = ""
+    ) -> ListPage:
+        query = [("list-type", "2"), ("encoding-type", "url")]
+        if prefix:
+            query.append(("prefix", prefix))
+        if delimiter:
+            query.append(("delimiter", delimiter))
+        if token:
+            query.append(("continuation-token", token))
+        elif start_after:
+            query.append(("start-after", start_after))
+        return parse_list_level(bucket, self._bucket_request(bucket, query))
 
     def list_versions_page(
         self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
@@ -2689,6 +2720,29 @@ class Boto3Engine:
         ]
         return objects, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
+    def list_level(
+        self, bucket: str, prefix: str, token: str | None, start_after: str | None = None, delimiter: str = ""
+    ) -> ListPage:
+        params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **self._extra}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        if token:
+            params["ContinuationToken"] = token
+        elif start_after:
+            params["StartAfter"] = start_after
+        page = self._call(self.client.list_objects_v2, **params)
+        entries = page.get("Contents", [])
+        return ListPage(
+            [
+                object_from_listing(bucket, entry)
+                for entry in entries
+                if not is_folder_marker(entry["Key"], int(entry.get("Size", 0)))
+            ],
+            [entry["Prefix"] for entry in page.get("CommonPrefixes", [])],
+            page.get("NextContinuationToken") if page.get("IsTruncated") else None,
+            entries[-1]["Key"] if entries else None,
+        )
+
     def list_versions_page(
         self, bucket: str, prefix: str, marker: tuple[str, str] | None, max_keys: int | None = None
     ) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
@@ -2753,8 +2807,24 @@ def parse_s3_timestamp(text: str) -> float:
         return parse_timestamp(text).timestamp()
 
 
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One ListObjectsV2 page as the parallel listing needs it."""
+
+    objects: list[S3Object]  #: folder markers left out
+    prefixes: list[str]  #: CommonPrefixes, with a delimiter
+    token: str | None  #: the next continuation token; None on the last page
+    last_key: str | None  #: the page's last key, folder markers included (None: no keys)
+
+
 def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str | None]:
-    """One ListObjectsV2 page -> (objects, continuation token or None). Folder markers are not files.
+    """One ListObjectsV2 page -> (objects, continuation token or None). Folder markers are not files."""
+    page = parse_list_level(bucket, body)
+    return page.objects, page.token
+
+
+def parse_list_level(bucket: str, body: bytes) -> ListPage:
+    """One ListObjectsV2 page, common prefixes and last key included.
 
     Keys are URL-decoded when the server honoured encoding-type=url (as botocore does), which is how keys with
     characters XML 1.0 cannot carry come back intact.
@@ -2765,10 +2835,12 @@ def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str
     ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     decode = root.findtext(f"{ns}EncodingType") == "url"
     objects = []
+    last_key = None
     for entry in root.iterfind(f"{ns}Contents"):
         key = entry.findtext(f"{ns}Key") or ""
         if decode:
             key = urllib.parse.unquote_plus(key)
+        last_key = key
         size = int(entry.findtext(f"{ns}Size") or 0)
         if is_folder_marker(key, size):
             continue
@@ -2783,8 +2855,12 @@ def parse_list_objects_v2(bucket: str, body: bytes) -> tuple[list[S3Object], str
                 storage_class=entry.findtext(f"{ns}StorageClass") or "STANDARD",
             )
         )
+    prefixes = [entry.findtext(f"{ns}Prefix") or "" for entry in root.iterfind(f"{ns}CommonPrefixes")]
+    if decode:
+        prefixes = [urllib.parse.unquote_plus(prefix) for prefix in prefixes]
     truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
-    return objects, (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
+    token = (root.findtext(f"{ns}NextContinuationToken") or None) if truncated else None
+    return ListPage(objects, prefixes, token, last_key)
 
 
 def parse_list_object_versions(bucket: str, body: bytes) -> tuple[list[ObjectVersion], tuple[str, str] | None]:
@@ -3197,6 +3273,204 @@ def list_pages(
             yield objects
         if not token:
             return
+
+
+# -- parallel listing -----------------------------------------------------------------------------------------
+# One ListObjectsV2 stream is one page per round trip. A prefix of more than one page is split along its
+# sub-prefixes (delimiter "/"), and runs of them are listed at once. Every key comes from exactly one request:
+# the first page holds the keys up to its last key L; after L, the delimiter listing gives the keys directly
+# under the prefix, and each run of sub-prefixes is one flat range [first, past last) that keeps only keys in
+# them; a range that is itself more than a page narrows to the sub-prefix holding its last key (split again,
+# the same way) and hands the rest of its run back as a new range, so one huge folder never holds up the others.
+
+
+@dataclass(frozen=True, slots=True)
+class _ListJob:
+    """One piece of a parallel listing."""
+
+    kind: str  #: "prefix": every key under ``prefix`` after ``after``; "range": those under ``runs``
+    prefix: str
+    after: str | None = None  #: list only keys after this one
+    #: For kind "range": the sub-prefixes of ``prefix`` (sorted, contiguous in the listing) whose keys it lists.
+    runs: tuple[str, ...] = ()
+
+
+def sub_prefix_of(prefix: str, key: str) -> str | None:
+    """The sub-prefix (up to and including the next "/") of ``prefix`` that holds ``key``; None for a key
+    directly under it."""
+    rest = key[len(prefix) :]
+    slash = rest.find("/")
+    return None if slash < 0 else prefix + rest[: slash + 1]
+
+
+def past(sub_prefix: str) -> str:
+    """The smallest string above every key under ``sub_prefix`` (which ends in "/"; "0" follows "/")."""
+    return sub_prefix[:-1] + "0"
+
+
+class ParallelListing:
+    """The keys under one prefix of one bucket, listed by up to ``concurrency`` threads at once, a page at a time.
+
+    Iterate it once; pages come as they are listed, in no particular order, through a bounded queue, so memory
+    stays flat. Closing it (or leaving the loop early, or an error) stops and joins its threads; an error of a
+    request (after its own tries) ends the iteration with that error, as a sequential listing would.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        bucket: str,
+        prefix: str,
+        attempts: Callable[[str], Attempts],
+        concurrency: int,
+    ) -> None:
+        import queue
+
+        self.engine, self.bucket, self.prefix, self.attempts = engine, bucket, prefix, attempts
+        self.concurrency = concurrency
+        self._pages: queue.Queue[list[S3Object] | None] = queue.Queue(maxsize=2 * concurrency)
+        self._jobs: collections.deque[_ListJob] = collections.deque([_ListJob("prefix", prefix)])
+        self._cond = threading.Condition()
+        #: Jobs queued or running; the listing is complete when it is back to 0.
+        self._pending = 1
+        self._error: BaseException | None = None
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    def __iter__(self) -> Iterator[list[S3Object]]:
+        self._threads = [
+            threading.Thread(target=self._work, name=f"adl-list-{n}", daemon=True) for n in range(self.concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
+        try:
+            while (page := self._pages.get()) is not None:
+                yield page
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the threads (a page being fetched is finished and dropped) and wait for them."""
+        import queue
+
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        while any(thread.is_alive() for thread in self._threads):
+            try:
+                while True:
+                    self._pages.get_nowait()
+            except queue.Empty:
+                pass
+            for thread in self._threads:
+                thread.join(0.05)
+
+    # -- the threads --------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed or not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                self._run(job)
+            except BaseException as exc:  # the request's own tries are spent (or the run stops)
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
+                    self._jobs.clear()
+                    self._pending = 0
+                    self._cond.notify_all()
+                self._put(None)
+                return
+            with self._cond:
+                self._pending -= 1
+                done = self._pending == 0
+                self._cond.notify_all()
+            if done:
+                self._put(None)
+
+    def _add(self, job: _ListJob) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._pending += 1
+            self._cond.notify()
+
+    def _put(self, page: list[S3Object] | None) -> None:
+        import queue
+
+        while not self._closed:
+            try:
+                self._pages.put(page, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _page(self, prefix: str, token: str | None, after: str | None, delimiter: str = "") -> ListPage:
+        if self._closed:
+            raise Interrupted()
+        return self.attempts(f"listing of {self.bucket}").call(
+            lambda: self.engine.list_level(self.bucket, prefix, token, after, delimiter)
+        )
+
+    def _run(self, job: _ListJob) -> None:
+        if job.kind == "range":
+            self._range(job)
+            return
+        page = self._page(job.prefix, None, job.after)
+        if page.objects:
+            self._put(page.objects)
+        if page.token and page.last_key is not None:
+            self._split(job.prefix, page.last_key)
+
+    def _split(self, prefix: str, last: str) -> None:
+        """The keys under ``prefix`` after ``last``: those directly under it from a delimiter listing, those in
+        its sub-prefixes by ranges of them; the sub-prefix holding ``last`` on its own, after ``last``."""
+        holding = sub_prefix_of(prefix, last)
+        if holding is not None:
+            self._add(_ListJob("prefix", holding, last))
+        token: str | None = None
+        while True:
+            page = self._page(prefix, token, last, "/")
+            if page.objects:
+                self._put(page.objects)
+            runs = [sub for sub in page.prefixes if sub != holding]
+            step = max(1, -(-len(runs) // (2 * self.concurrency)))
+            for start in range(0, len(runs), step):
+                self._add(_ListJob("range", prefix, None, tuple(runs[start : start + step])))
+            token = page.token
+            if not token:
+                return
+
+    def _range(self, job: _ListJob) -> None:
+        """A run of sub-prefixes, as one flat listing from the first to past the last; a run of more than a
+        page keeps its first page, lists the sub-prefix holding that page's last key as a prefix of its own
+        (split again if it is large) and hands the rest of the run back as a new range."""
+        runs, prefix = job.runs, job.prefix
+        low, high = runs[0], past(runs[-1])
+        after = low[:-1]  # below every key under ``low``, and above every key under the sub-prefixes before it
+        while True:
+            page = self._page(prefix, None, after)
+            kept = [obj for obj in page.objects if low <= obj.key < high and "/" in obj.key[len(prefix) :]]
+            if kept:
+                self._put(kept)
+            last = page.last_key
+            if not page.token or last is None or last >= high:
+                return
+            if last >= low:
+                break
+            after = last  # a page of keys that sort between ``after`` and the run ("ab-x" before "ab/")
+        holding = sub_prefix_of(prefix, last)
+        rest = tuple(sub for sub in runs if sub > last and sub != holding)
+        if rest:
+            self._add(_ListJob("range", prefix, None, rest))
+        if holding is not None and holding in runs:
+            self._add(_ListJob("prefix", holding, last))
 
 
 # -- the dataset as it was (--as-of) ------------------------------------------------------------------------
@@ -6877,8 +7151,11 @@ class _Run:
         self.listed_all = True
 
     def listing(self, bucket: str, prefix: str) -> Iterator[list[S3Object]]:
-        """The objects under one prefix: as they are now, or with --as-of as they stood then."""
+        """The objects under one prefix: as they are now (listed in parallel past its first page, unless
+        list_concurrency is 1), or with --as-of as they stood then."""
         if self.as_of is None:
+            if self.config.list_concurrency > 1:
+                return iter(ParallelListing(self.engine, bucket, prefix, self.attempts, self.config.list_concurrency))
             return list_pages(self.engine, bucket, prefix, self.attempts)
         entries = version_pages(self.engine, bucket, prefix, self.attempts)
         return versions_as_of(entries, self.as_of, self.tally.filtered)

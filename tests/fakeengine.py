@@ -133,6 +133,40 @@ class FakeEngine:
         more = start + size < len(keys)
         return [self._object(bucket, key) for key in page], str(start + size) if more else None
 
+    def list_level(
+        self, bucket: str, prefix: str, token: str | None, start_after: str | None = None, delimiter: str = ""
+    ) -> adl.ListPage:
+        """ListObjectsV2 with start-after and a delimiter, as S3 answers it (keys and common prefixes in one
+        sorted sequence, page_size entries a page)."""
+        self.requests.append(
+            Request(
+                "LIST", bucket, prefix, (("token", token or ""), ("after", start_after or ""), ("delim", delimiter))
+            )
+        )
+        if bucket not in self.buckets:
+            raise adl.S3Error(404, "NoSuchBucket")
+        entries: list[tuple[str | None, str | None]] = []
+        seen: set[str] = set()
+        for key in sorted(self.buckets[bucket]):
+            if not key.startswith(prefix) or (start_after is not None and key <= start_after):
+                continue
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut < 0:
+                entries.append((key, None))
+            elif key[: cut + 1] not in seen:
+                seen.add(key[: cut + 1])
+                entries.append((None, key[: cut + 1]))
+        start = int(token or 0)
+        page = entries[start : start + self.page_size]
+        more = start + self.page_size < len(entries)
+        keys = [key for key, _ in page if key is not None]
+        return adl.ListPage(
+            [self._object(bucket, key) for key in keys],
+            [common for _, common in page if common is not None],
+            str(start + self.page_size) if more else None,
+            keys[-1] if keys else None,
+        )
+
     def set_bucket_region(self, bucket: str, region: str | None) -> None:
         pass
 
