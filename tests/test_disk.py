@@ -177,7 +177,10 @@ def test_the_first_page_is_downloading_before_the_second_is_listed(
     monkeypatch.setattr(engine, "get", get)
     monkeypatch.setattr(engine, "list_page", list_page)
     download_dir = tmp_path / "data"
-    code, out, err = run_cli("--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "")
+    # Page after page (list_page): the parallel listing's pages also go to the downloads one by one as they come.
+    code, out, err = run_cli(
+        "--buckets", BUCKET, "--download-dir", str(download_dir), "--log-file", "", "--list-concurrency", "1"
+    )  # fmt: skip
     assert code == adl.EXIT_OK, (out, err)
     assert order == ["GET before page 2"]
     assert objects_on_disk(download_dir) == files

@@ -147,6 +147,26 @@ def test_a_listing_error_ends_the_iteration_with_that_error() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("adl-list-")]
 
 
+def test_a_stop_during_a_parallel_listing_ends_the_run_as_interrupted(tmp_path: Path, fake_engine) -> None:
+    files = {f"f{n % 20}/k{n:04d}": b"x" for n in range(2000)}
+    engine: FakeEngine = fake_engine({"b": files}, page_size=10)
+    dl = adl.AWSDataDownloader({**FAST, "buckets": ["b"], "download_dir": str(tmp_path / "d"), "parallel_downloads": 2})
+    listed_level, calls = engine.list_level, []
+
+    def stop_at_the_twentieth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 20:
+            dl.stop()
+        return listed_level(*args, **kwargs)
+
+    engine.list_level = stop_at_the_twentieth  # type: ignore[method-assign]
+    with pytest.raises(adl.DownloadInterrupted) as caught:
+        dl.run_full_download()
+    assert caught.value.summary is not None and caught.value.summary.downloaded < len(files)
+    assert len(calls) < 60, "the listing stops soon after the stop"
+    assert not [t for t in threading.enumerate() if t.name.startswith("adl-list-")]
+
+
 # -- against moto's server, over HTTP ---------------------------------------------------------------------------
 
 

@@ -130,7 +130,7 @@ def test_a_listing_in_pages_reaches_every_object(tmp_path: Path, fake_engine) ->
     files = {f"k{n:03d}": bytes([n]) * 10 for n in range(25)}
     engine: FakeEngine = fake_engine({BUCKET: files}, page_size=7)
 
-    summary = downloader(tmp_path).run_full_download()
+    summary = downloader(tmp_path, list_concurrency=1).run_full_download()  # page after page, by token
 
     assert summary.ok and summary.downloaded == 25
     assert [r.query for r in engine.requests if r.method == "LIST"] == [
@@ -158,7 +158,7 @@ def test_the_first_stop_reason_is_the_one_reported(tmp_path: Path) -> None:
 def test_a_stop_from_another_thread_ends_the_run_as_interrupted(tmp_path: Path, fake_engine) -> None:
     files = {f"k{n:03d}": bytes([n]) * 10 for n in range(40)}
     engine: FakeEngine = fake_engine({BUCKET: files}, page_size=1)
-    dl = downloader(tmp_path, parallel_downloads=1)
+    dl = downloader(tmp_path, parallel_downloads=1, list_concurrency=1)  # parallel: tests/test_listing.py
     listed = engine.list_page
 
     def stop_at_page_fifteen(bucket, prefix, token, max_keys=None):
