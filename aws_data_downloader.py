@@ -2827,8 +2827,89 @@ def parse_list_level(bucket: str, body: bytes) -> ListPage:
     """One ListObjectsV2 page, common prefixes and last key included.
 
     Keys are URL-decoded when the server honoured encoding-type=url (as botocore does), which is how keys with
-    characters XML 1.0 cannot carry come back intact.
+    characters XML 1.0 cannot carry come back intact. A page as S3 and its peers write it is scanned with
+    str.find (scan_list_level); anything else goes to ElementTree.
     """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    page = scan_list_level(bucket, text) if text else None
+    return page if page is not None else parse_list_level_xml(bucket, body)
+
+
+#: What scan_list_level leaves to ElementTree: CDATA, comments, processing instructions past the declaration,
+#: and DOCTYPEs (entities it would have to expand).
+_UNSCANNED = ("<![CDATA[", "<!--", "<!DOCTYPE", "<?xml-")
+
+
+def _element(text: str, name: str, start: int = 0, end: int | None = None) -> str | None:
+    """The text of the first ``<name>...</name>`` in text[start:end], unescaped; "" for ``<name/>``; None if absent."""
+    opening = f"<{name}>"
+    at = text.find(opening, start, end)
+    if at < 0:
+        return "" if text.find(f"<{name}/>", start, end) >= 0 else None
+    at += len(opening)
+    closing = text.find(f"</{name}>", at, end)
+    if closing < 0:
+        raise ValueError(name)
+    return _unescape(text[at:closing])
+
+
+def scan_list_level(bucket: str, text: str) -> ListPage | None:
+    """parse_list_level without a parser, for the layout S3 writes (each element on its own, no markup but
+    elements and character references): 5.4 us of CPU per key against 6.8 for ElementTree, objects included
+    (issue 13: listing a million keys must be bound by the server, not by us). None for anything else, which
+    ElementTree then reads."""
+    if "<ListBucketResult" not in text or any(mark in text for mark in _UNSCANNED):
+        return None
+    try:
+        decode = _element(text, "EncodingType") == "url"
+        unquote, timestamp = urllib.parse.unquote_plus, parse_s3_timestamp
+        objects, last_key = [], None
+        for entry in text.split("<Contents>")[1:]:
+            end = entry.find("</Contents>")
+            at = entry.find("<Key>", 0, end) + 5
+            key = entry[at : entry.find("</Key>", at, end)]
+            at = entry.find("<Size>", 0, end) + 6
+            size = int(entry[at : entry.find("</Size>", at, end)])
+            at = entry.find("<ETag>", 0, end) + 6
+            etag = entry[at : entry.find("</ETag>", at, end)]
+            at = entry.find("<LastModified>", 0, end) + 14
+            modified = entry[at : entry.find("</LastModified>", at, end)]
+            at = entry.find("<StorageClass>", 0, end)
+            storage = entry[at + 14 : entry.find("</StorageClass>", at, end)] if at >= 0 else "STANDARD"
+            if end < 0 or not (key and etag and modified) or "<" in key + etag + modified + storage:
+                return None  # an element missing or out of place: not the layout this scan reads
+            if "&" in key + etag + storage:
+                key, etag, storage = (_unescape(value) for value in (key, etag, storage))
+            if decode:
+                key = unquote(key)
+            last_key = key
+            if not is_folder_marker(key, size):
+                objects.append(S3Object(bucket, key, size, etag.strip('"'), timestamp(modified), storage or "STANDARD"))
+        prefixes = []
+        for entry in text.split("<CommonPrefixes>")[1:]:
+            prefix = _element(entry, "Prefix", 0, entry.find("</CommonPrefixes>"))
+            if prefix is None:
+                return None
+            prefixes.append(unquote(prefix) if decode else prefix)
+        truncated = (_element(text, "IsTruncated") or "").lower() == "true"
+        token = (_element(text, "NextContinuationToken") or None) if truncated else None
+    except ValueError:  # a size that is no number, an element left open: ElementTree says what is wrong
+        return None
+    return ListPage(objects, prefixes, token, last_key)
+
+
+def _unescape(value: str) -> str:
+    """XML's five entities and character references, as an XML parser expands them."""
+    from html import unescape
+
+    return unescape(value) if "&" in value else value
+
+
+def parse_list_level_xml(bucket: str, body: bytes) -> ListPage:
+    """parse_list_level with ElementTree: any well-formed page."""
     import xml.etree.ElementTree as ElementTree
 
     root = ElementTree.fromstring(body)

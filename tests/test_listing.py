@@ -213,3 +213,64 @@ def test_a_list_page_that_fails_mid_way_is_retried_and_lists_once_from_moto(wide
     assert any(r.faults for r in lists), "the fault hit a listing page"
     assert summary.downloaded == len([key for key in keys if not key.endswith("/")]) - 1  # a//b.bin: unsafe
     assert len(lists) > 4, "listed in pieces"
+
+
+# -- the page parser ---------------------------------------------------------------------------------------------
+
+
+def listing_body(rng: random.Random, pretty: bool, encoded: bool) -> bytes:
+    """A ListObjectsV2 answer built with ElementTree (so escaped as any XML writer escapes), in S3's layout."""
+    import urllib.parse
+    import xml.etree.ElementTree as ElementTree
+
+    alphabet = ["a", "/", " ", "&", "<", ">", '"', "'", "é", "日", "+", "%", "\u2028", "]]>", "&amp;", "-"]
+    root = ElementTree.Element("ListBucketResult", xmlns="http://s3.amazonaws.com/doc/2006-03-01/")
+    ElementTree.SubElement(root, "Name").text = "b"
+    ElementTree.SubElement(root, "Prefix")
+    truncated = rng.random() < 0.5
+    ElementTree.SubElement(root, "IsTruncated").text = "true" if truncated else "false"
+    for _ in range(rng.randint(0, 30)):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        entry = ElementTree.SubElement(root, "Contents")
+        ElementTree.SubElement(entry, "Key").text = urllib.parse.quote_plus(key, safe="/") if encoded else key
+        ElementTree.SubElement(entry, "LastModified").text = "2026-11-26T07:32:03.000Z"
+        ElementTree.SubElement(entry, "ETag").text = '"0123456789abcdef0123456789abcdef"'
+        ElementTree.SubElement(entry, "Size").text = str(rng.choice([0, 1, 12345]))
+        if rng.random() < 0.7:
+            ElementTree.SubElement(entry, "StorageClass").text = rng.choice(["STANDARD", "GLACIER"])
+        if rng.random() < 0.2:
+            owner = ElementTree.SubElement(entry, "Owner")
+            ElementTree.SubElement(owner, "ID").text = "x<y"
+    for _ in range(rng.randint(0, 5)):
+        common = ElementTree.SubElement(root, "CommonPrefixes")
+        prefix = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) + "/"
+        ElementTree.SubElement(common, "Prefix").text = urllib.parse.quote_plus(prefix, safe="/") if encoded else prefix
+    if encoded:
+        ElementTree.SubElement(root, "EncodingType").text = "url"
+    if truncated:
+        ElementTree.SubElement(root, "NextContinuationToken").text = "tok&en=="
+    if pretty:
+        ElementTree.indent(root)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="utf-8")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_scanned_page_equals_what_elementtree_reads(seed: int) -> None:
+    rng = random.Random(seed)
+    body = listing_body(rng, pretty=seed % 3 == 0, encoded=seed % 2 == 0)
+    scanned = adl.scan_list_level("b", body.decode())
+    assert scanned is not None, body[:300]
+    assert scanned == adl.parse_list_level_xml("b", body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<ListBucketResult><Contents><Key><![CDATA[a<b]]></Key><Size>1</Size></Contents></ListBucketResult>",
+        b"<ListBucketResult><!-- a comment --><Contents><Key>k</Key><Size>1</Size></Contents></ListBucketResult>",
+        b"<ListBucketResult><Contents><Key>k</Key><Size>x</Size></Contents></ListBucketResult>",
+        b"<ListBucketResult><Contents><Key>k</Size></Contents></ListBucketResult>",
+    ],
+)
+def test_a_page_the_scan_does_not_expect_goes_to_elementtree(body: bytes) -> None:
+    assert adl.scan_list_level("b", body.decode()) is None
