@@ -1035,8 +1035,9 @@ def boto3_session(config: Config, credentials: Credentials) -> Any:
             )
         else:
             session = boto3.Session(profile_name=config.profile, region_name=config.region)
-    except botocore.exceptions.ProfileNotFound:
-        raise ConfigError(f"AWS profile '{config.profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
+    except botocore.exceptions.ProfileNotFound as exc:  # --profile, or one AWS_PROFILE names
+        profile = exc.kwargs.get("profile") or config.profile
+        raise ConfigError(f"AWS profile '{profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
     return session
 
 

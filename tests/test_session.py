@@ -137,6 +137,13 @@ def test_a_shared_credentials_file_goes_to_botocore_and_its_keys_sign(seaweed: S
     assert {"boto3", "botocore"} <= imported
 
 
+def test_a_profile_variable_naming_no_profile_is_the_profile_error(run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    code, out, err = run_cli("--buckets", "any-bkt", "--endpoint-url", "http://127.0.0.1:9")
+    assert code == adl.EXIT_USAGE, (out, err)
+    assert "Error: AWS profile 'nope' not found in ~/.aws/config or ~/.aws/credentials" in err.splitlines(), err
+
+
 # -- known_session against botocore's own answer ----------------------------------------------------------------
 
 ENV_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAENVIRONMENT01", "AWS_SECRET_ACCESS_KEY": "env-secret"}
