@@ -32,7 +32,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import email.utils
 import errno
 import fnmatch
 import functools
@@ -668,8 +667,6 @@ def endpoint_url_problem(url: str) -> str | None:
     read, so the error is one line naming what the user typed. A port that is not a number would crash the
     http engine, and another scheme would never reach an S3 server.
     """
-    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
-
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         hint = ""
@@ -679,13 +676,34 @@ def endpoint_url_problem(url: str) -> str | None:
             local = guess.port or guess.hostname == "localhost" or (guess.hostname or "").replace(".", "").isdecimal()
             hint = f"; did you mean '{'http' if local else 'https'}://{url}'?"
         return f"must be a URL starting with http:// or https://, got {url!r}{hint}"
-    if not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+    if not (_plain_endpoint_host(url) or _botocore_accepts_endpoint(url)):
         return f"must name a valid host, got {url!r}"
     try:
         parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
     except ValueError:
         return f"must have a port from 0 to 65535, got {url!r}"
     return None
+
+
+#: botocore's is_valid_endpoint_url, copied so that the usual endpoint is checked without importing botocore
+#: (~0.1 s); anything it refuses is asked of botocore itself.
+_ENDPOINT_HOST = re.compile(r"^((?!-)[A-Z\d-]{1,63}(?<!-)\.)*((?!-)[A-Z\d-]{1,63}(?<!-))$", re.IGNORECASE)
+
+
+def _plain_endpoint_host(url: str) -> bool:
+    """Whether botocore's is_valid_endpoint_url accepts ``url`` (the same steps)."""
+    if {"\t", "\r", "\n"}.intersection(url):
+        return False
+    hostname = urllib.parse.urlsplit(url).hostname
+    if hostname is None or len(hostname) > 255:
+        return False
+    return _ENDPOINT_HOST.match(hostname.removesuffix(".")) is not None
+
+
+def _botocore_accepts_endpoint(url: str) -> bool:
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    return bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,6 +900,10 @@ def write_default_config(path: str | os.PathLike[str]) -> Path:
 ###############################################################################
 # Credentials come from botocore's session so that profiles, SSO, IAM roles and refreshing temporary
 # credentials all work. Secrets never reach a log line: the CLI's handlers carry a filter that masks them.
+# Importing boto3 and building its session cost ~0.17 s of a ~0.4 s start-up, so a run whose keys and region
+# botocore would take from the flags or the environment alone (known_session) does without it until it needs
+# a botocore client (ListBuckets, AWS's addresses, the boto3 engine); any profile or shared file in play goes
+# to botocore.
 
 #: The error codes that mean "these credentials are wrong", as opposed to "not allowed".
 CREDENTIAL_ERROR_CODES = frozenset(
@@ -984,16 +1006,36 @@ class Credentials:
     def __repr__(self) -> str:  # never print a secret, even in a traceback's locals
         return f"Credentials(access_key={mask_access_key(self.access_key)!r})"
 
+    # What the signer and the redactor read of botocore's credentials, for keys known without botocore.
+    @property
+    def token(self) -> str | None:
+        return self.session_token
+
+    def get_frozen_credentials(self) -> Credentials:
+        return self
+
 
 def make_session(config: Config, credentials: Credentials, redactor: SecretRedactingFilter) -> Any:
-    """A boto3 session: explicit keys, else the profile, else boto3's default chain; ``redactor`` learns the
-    secrets, whichever way they came."""
-    import boto3
-    import botocore.exceptions
-
+    """The run's session: explicit keys, else the profile, else boto3's default chain; ``redactor`` learns the
+    secrets, whichever way they came. A KnownSession when botocore's answer is known without it, else boto3's."""
     if bool(credentials.access_key) != bool(credentials.secret_key):
         raise CredentialsError("give both an access key and a secret key, or neither")
     redactor.add_credentials(credentials.access_key, credentials.secret_key, credentials.session_token)
+    session: Any = known_session(config, credentials, os.environ)
+    if session is None:
+        session = boto3_session(config, credentials)
+    else:
+        log.debug("Credentials (%s) and region (%s) settled without botocore", session.source, session.region_name)
+    if not config.no_sign_request:  # anonymous runs never resolve credentials (no IMDS wait on a laptop)
+        _redact_resolved_credentials(session, redactor)
+    return session
+
+
+def boto3_session(config: Config, credentials: Credentials) -> Any:
+    """boto3's session for the run: explicit keys, else the profile, else its default chain."""
+    import boto3
+    import botocore.exceptions
+
     try:
         if credentials.access_key:
             session = boto3.Session(
@@ -1004,11 +1046,95 @@ def make_session(config: Config, credentials: Credentials, redactor: SecretRedac
             )
         else:
             session = boto3.Session(profile_name=config.profile, region_name=config.region)
-    except botocore.exceptions.ProfileNotFound:
-        raise ConfigError(f"AWS profile '{config.profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
-    if not config.no_sign_request:  # anonymous runs never resolve credentials (no IMDS wait on a laptop)
-        _redact_resolved_credentials(session, redactor)
+    except botocore.exceptions.ProfileNotFound as exc:  # --profile, or one AWS_PROFILE names
+        profile = exc.kwargs.get("profile") or config.profile
+        raise ConfigError(f"AWS profile '{profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
     return session
+
+
+class KnownSession:
+    """A session whose credentials and region are known without botocore (known_session says when): it answers
+    what the http engine asks (get_credentials, region_name) itself and builds boto3's session, the one
+    make_session would have made, only when a botocore client is asked for.
+
+    The trade-off: botocore's own debug lines about finding credentials are missing from a --verbose log.
+    """
+
+    def __init__(
+        self, credentials: Credentials | None, region_name: str | None, source: str, build: Callable[[], Any]
+    ) -> None:
+        #: The keys the requests are signed with; None for an anonymous run.
+        self.credentials = credentials
+        #: Where they came from, for the debug log: "flags", "environment" or "anonymous".
+        self.source = source
+        #: The region botocore's session would report (None: make_client's us-east-1).
+        self.region_name = region_name
+        self._build = build
+        self._session: Any = None
+        self._lock = threading.Lock()
+
+    def get_credentials(self) -> Credentials | None:
+        return self.credentials
+
+    def boto3(self) -> Any:
+        """boto3's session, built (and boto3 imported) on first use."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._build()
+            return self._session
+
+    def client(self, *args: Any, **kwargs: Any) -> Any:
+        return self.boto3().client(*args, **kwargs)
+
+
+#: botocore's variables naming a profile: with one set, its chain decides (conservatively, even for keys that
+#: would win over the profile).
+PROFILE_VARIABLES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE")
+
+
+def known_session(config: Config, credentials: Credentials, environ: Mapping[str, str]) -> KnownSession | None:
+    """A KnownSession when botocore would take the run's credentials and region from the flags or the environment
+    alone; None when its chain may have another answer (a profile, a shared file, a role, SSO, IMDS...).
+
+    botocore's order, kept: explicit keys, then AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (token from
+    AWS_SECURITY_TOKEN, else AWS_SESSION_TOKEN) ahead of every file; the region from the config, then
+    AWS_DEFAULT_REGION, then the profile in ~/.aws/config or ~/.aws/credentials, so with neither set only the
+    absence of both files settles it. Expiring environment keys (AWS_CREDENTIAL_EXPIRATION) are botocore's to
+    refresh.
+    """
+    if config.profile is not None or any(name in environ for name in PROFILE_VARIABLES):
+        return None
+    keys: Credentials | None = None
+    if config.no_sign_request:
+        source = "anonymous"
+    elif credentials.access_key:
+        keys, source = credentials, "flags"
+    elif environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
+        if environ.get("AWS_CREDENTIAL_EXPIRATION"):
+            return None
+        token = environ.get("AWS_SECURITY_TOKEN") or environ.get("AWS_SESSION_TOKEN") or None
+        keys, source = Credentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"], token), "environment"
+    else:
+        return None
+    if config.region:
+        region: str | None = config.region
+    elif config.region is None and environ.get("AWS_DEFAULT_REGION"):
+        region = environ["AWS_DEFAULT_REGION"]
+    elif config.region is None and not any(_shared_file_exists(environ, *file) for file in SHARED_FILES):
+        region = None
+    else:
+        return None
+    return KnownSession(keys, region, source, lambda: boto3_session(config, credentials))
+
+
+#: The files botocore reads profiles from: (its variable, the default path).
+SHARED_FILES = (("AWS_CONFIG_FILE", "~/.aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
+
+
+def _shared_file_exists(environ: Mapping[str, str], variable: str, default: str) -> bool:
+    """Whether botocore would find this file; a variable set but empty counts as a file (botocore's case to judge)."""
+    path = environ.get(variable, default)
+    return not path or os.path.isfile(os.path.expanduser(os.path.expandvars(path)))
 
 
 def _redact_resolved_credentials(session: Any, redactor: SecretRedactingFilter) -> None:
@@ -1068,8 +1194,9 @@ def make_client(session: Any, config: Config, region: str | None = None) -> Any:
 
 
 class SharedClient:
-    """The run's one botocore S3 client, built on first use: building it costs ~0.06 s of a ~0.23 s start-up,
-    and a run of named buckets on a path-style endpoint with the http engine never needs it."""
+    """The run's one botocore S3 client, built on first use: building it costs ~0.06 s (and with a KnownSession,
+    importing boto3 ~0.17 s more), and a run of named buckets on a path-style endpoint with the http engine never
+    needs it."""
 
     def __init__(self, session: Any, config: Config) -> None:
         self.session = session
@@ -1089,6 +1216,12 @@ def default_region(session: Any, config: Config) -> str:
     return config.region or session.region_name or "us-east-1"
 
 
+def loaded_module(name: str) -> Any:
+    """The module if something imported it already, else None. An exception of botocore's (or urllib3's) exists only
+    once its module is loaded, so the checks for them import nothing on a run that never needed botocore."""
+    return sys.modules.get(name)
+
+
 def error_code(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, S3 error code) of a botocore ClientError, or (0, '') for anything else."""
     if isinstance(exc, S3Error):
@@ -1103,12 +1236,12 @@ def error_code(exc: BaseException) -> tuple[int, str]:
 
 def credentials_problem(exc: BaseException) -> str | None:
     """A one-line explanation if ``exc`` means the credentials are missing or rejected, else None."""
-    import botocore.exceptions
-
-    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
-        return "AWS credentials not found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, use --profile, or run on an instance with an IAM role"
-    if isinstance(exc, botocore.exceptions.TokenRetrievalError):
-        return f"AWS credentials could not be refreshed ({exc}); log in again (e.g. 'aws sso login')"
+    boto_errors = loaded_module("botocore.exceptions")
+    if boto_errors is not None:
+        if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
+            return "AWS credentials not found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, use --profile, or run on an instance with an IAM role"
+        if isinstance(exc, boto_errors.TokenRetrievalError):
+            return f"AWS credentials could not be refreshed ({exc}); log in again (e.g. 'aws sso login')"
     _, code = error_code(exc)
     if code in CREDENTIAL_ERROR_CODES:
         what = {
@@ -1560,11 +1693,11 @@ class _Http11Response:
 
 def parse_status_line(line: bytes) -> tuple[str, int]:
     """(HTTP version, status) of a response's first line; BadStatusLine when it is not one."""
-    import http.client
-
     version, _, rest = line.decode("latin-1").partition(" ")
     code, _, _reason = rest.partition(" ")
     if not version.startswith("HTTP/") or not code.strip().isdigit():
+        import http.client  # for its exceptions only, so imported when one is raised (~5 ms at start-up)
+
         raise http.client.BadStatusLine(line.decode("latin-1", "replace").strip())
     return version, int(code)
 
@@ -1647,8 +1780,6 @@ class _Http11Connection:
 
     def request(self, method: str, target: str, headers: Mapping[str, str]) -> _Http11Response:
         """Send the request and read the status line and headers; the body is left to the caller."""
-        import http.client
-
         if self._sock is None:
             self._connect()
         self._sock.sendall(request_bytes(method, target, headers))
@@ -1656,6 +1787,8 @@ class _Http11Connection:
         while True:
             line = file.readline(65537)
             if not line:
+                import http.client
+
                 raise http.client.RemoteDisconnected("the server closed the connection without a response")
             version, status = parse_status_line(line)
             headers_in: dict[str, str] = {}
@@ -1713,16 +1846,29 @@ class _HttpBody:
 _PLAIN_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 
 
+def default_ca_bundle() -> str:
+    """botocore's CA bundle when none is configured (httpsession.get_cert_path(True)): certifi's if it is installed,
+    else the one botocore ships. certifi is asked first, as botocore does, so the answer costs no botocore import."""
+    try:
+        import certifi
+    except ImportError:
+        from botocore.httpsession import get_cert_path
+
+        return str(get_cert_path(True))
+    return str(certifi.where())
+
+
 class HttpEngine:
     """GETs, listings and HEADs over a minimal HTTP/1.1 client, a keep-alive connection per worker thread, and a
     caching signer (the small-object loop borrows its addressing and signing too).
 
     Measured on a 2-core box against SeaweedFS: botocore's client machinery costs ~1 ms of CPU per small GET
     and urllib3 ~0.2 ms more than http.client; this engine is what lets a Python process keep up with s5cmd.
-    Credentials, endpoint, addressing style and region come from botocore, so profiles, SSO, IAM roles, custom
-    endpoints and path-style addressing behave exactly as they do in boto3. The botocore client itself (for
-    ListBuckets, discovery and virtual-hosted addresses) is built only when needed: named buckets on a
-    path-style custom endpoint are probed and addressed here, saving its ~0.06 s at start-up.
+    Credentials, endpoint, addressing style and region are botocore's (read without it when make_session finds
+    them in the flags or the environment alone), so profiles, SSO, IAM roles, custom endpoints and path-style
+    addressing behave exactly as they do in boto3. The botocore client itself (for ListBuckets, discovery and
+    virtual-hosted addresses) is built only when needed: named buckets on a path-style custom endpoint are
+    probed and addressed here, saving its ~0.06 s at start-up (and boto3's import with a KnownSession).
     """
 
     supports_small_loop = True
@@ -1826,9 +1972,7 @@ class HttpEngine:
         if self._ssl_context is None:
             import ssl
 
-            from botocore.httpsession import get_cert_path
-
-            bundle = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+            bundle = os.environ.get("AWS_CA_BUNDLE") or default_ca_bundle()
             self._ssl_context = ssl.create_default_context(cafile=bundle if isinstance(bundle, str) else None)
         return self._ssl_context
 
@@ -1972,13 +2116,11 @@ class HttpEngine:
     ) -> tuple[Any, Any]:
         """Sign and send one request and read its head; a keep-alive connection the server closed while idle is
         replaced once at no cost (not a fault)."""
-        import http.client
-
         path, target = request_target(address, key, query)
         connection, reused = self._connection(address)
         try:
             return connection, self._send(connection, address, path, target, query, headers, method)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError):  # http.client's RemoteDisconnected is a ConnectionResetError
             if not reused:
                 raise
         connection, _ = self._connection(address)
@@ -3023,9 +3165,10 @@ RETRYABLE_CODES = frozenset(
 
 def is_retryable(exc: BaseException) -> bool:
     """The one place that decides which failures another attempt may cure."""
-    import http.client
-
-    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError, http.client.HTTPException)):
+    if isinstance(exc, (ChecksumMismatch, TimeoutError, ConnectionError)):
+        return True
+    http_client = loaded_module("http.client")
+    if http_client is not None and isinstance(exc, http_client.HTTPException):
         return True
     if isinstance(exc, S3Error):
         return exc.status >= 500 or exc.status == 429 or exc.code in RETRYABLE_CODES
@@ -3033,16 +3176,12 @@ def is_retryable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):
         return False  # a local path conflict (raised with errno None) is no network fault: retrying cannot cure it
-    try:
-        import botocore.exceptions
-        import urllib3.exceptions
-    except ImportError:  # pragma: no cover - both ship with boto3
-        return False
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.IncompleteReadError)):
+    boto_errors, urllib3_errors = loaded_module("botocore.exceptions"), loaded_module("urllib3.exceptions")
+    if boto_errors is not None and isinstance(exc, (boto_errors.ConnectionError, boto_errors.IncompleteReadError)):
         return True
-    if isinstance(exc, (urllib3.exceptions.HTTPError,)):
+    if urllib3_errors is not None and isinstance(exc, urllib3_errors.HTTPError):
         return True
-    response_streaming = getattr(botocore.exceptions, "ResponseStreamingError", None)
+    response_streaming = getattr(boto_errors, "ResponseStreamingError", None)
     if response_streaming is not None and isinstance(exc, response_streaming):
         return True
     return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, None)
@@ -3053,16 +3192,16 @@ def cannot_connect(exc: BaseException) -> str | None:
     one request, waiting long rarely cures it: the first contact of a run gives it a few seconds only."""
     import socket
 
-    import botocore.exceptions
-
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        exc = exc.kwargs.get("error") or exc
+    boto_errors = loaded_module("botocore.exceptions")
+    endpoint_error = boto_errors is not None and isinstance(exc, boto_errors.EndpointConnectionError)
+    if endpoint_error:
+        exc = exc.kwargs.get("error") or exc  # type: ignore[attr-defined]
         exc = getattr(exc, "__context__", None) or exc  # urllib3 wraps the socket's error
     if isinstance(exc, ConnectionRefusedError) or "Connection refused" in str(exc):
         return "connection refused"
     if isinstance(exc, socket.gaierror) or "Name or service not known" in str(exc):
         return "host name not found"
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+    if endpoint_error:
         return "cannot connect"
     return None
 
@@ -3225,15 +3364,14 @@ def probe_bucket(
 
 def unreachable(exc: BaseException, what: str) -> Exception:
     """The error for a request that failed for good without an answer: credentials, or the network."""
-    import botocore.exceptions
-
     problem = credentials_problem(exc)
     if problem:
         return CredentialsError(problem)
     reason = cannot_connect(exc)
     if reason:
         return CannotConnectError(reason)
-    if is_retryable(exc) or isinstance(exc, botocore.exceptions.BotoCoreError):
+    boto_errors = loaded_module("botocore.exceptions")
+    if is_retryable(exc) or (boto_errors is not None and isinstance(exc, boto_errors.BotoCoreError)):
         return DownloaderError(f"{what}: {exc}")
     return exc  # a bug: let it show as one
 
@@ -3333,6 +3471,8 @@ def object_from_listing(bucket: str, entry: Mapping[str, Any]) -> S3Object:
 
 def object_from_head(obj: S3Object, headers: Mapping[str, str]) -> S3Object:
     """The object as a HEAD answer describes it now (a new version: size, ETag and date may all differ)."""
+    import email.utils  # ~5 ms to import, and a run that HEADs no object never needs it
+
     return dataclasses.replace(
         obj,
         size=int(headers["content-length"]),

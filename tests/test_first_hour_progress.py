@@ -225,7 +225,9 @@ def test_a_notebook_without_ipywidgets_gets_one_clean_text_bar(s3: S3Server, pro
 # -- point 7: --verbose -------------------------------------------------------------------------------------------
 
 
-def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3Server, tmp_path: Path, run_cli) -> None:
+def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(
+    s3: S3Server, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s3.make_bucket("dbg-bkt")
     s3.put("dbg-bkt", "small.png", b"s" * 2000)  # the small-object loop
     s3.put("dbg-bkt", "medium.bin", b"m" * (300 * KiB))  # one streamed GET
@@ -235,7 +237,8 @@ def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3S
     code, out, err = run_cli(*argv)
     assert code == 0, (out, err)
     assert "Changing event name" not in err
-    assert " - DEBUG - Looking for credentials via: env" in err  # botocore's own debug lines stay
+    # Keys and region from the environment are read without botocore (tests/test_session.py), which says so.
+    assert " - DEBUG - Credentials (environment) and region (us-east-1) settled without botocore" in err
 
     line = re.compile(
         r" - DEBUG - Object dbg-bkt/(?P<key>\S+): (?P<outcome>[^,]+), (?P<size>[\d,]+) B, path=(?P<path>\w+), "
@@ -258,8 +261,13 @@ def test_verbose_logs_one_line_per_object_without_botocore_event_aliases(s3: S3S
     assert "DEBUG - aws_data_downloader - Object dbg-bkt/large.bin: downloaded" in log_text
     assert "Changing event name" not in log_text
 
+    # The region from ~/.aws/config now: botocore's chain decides (the same keys, env ones win over the file).
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    Path(os.environ["AWS_CONFIG_FILE"]).write_text("[default]\nregion = us-east-1\n")
     code, out, err = run_cli(*argv)  # everything is on disk now
     assert code == 0, (out, err)
+    assert " - DEBUG - Looking for credentials via: env" in err  # botocore's own debug lines stay
+    assert "Changing event name" not in err
     skipped = [m for m in map(line.search, err.splitlines()) if m]
     assert len(skipped) == 3 and all(m["path"] == "skipped" and m["attempts"] == "0" for m in skipped), err
     assert all(m["outcome"] == "skipped (already downloaded)" for m in skipped), err
