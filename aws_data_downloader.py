@@ -3651,16 +3651,29 @@ class ParallelListing:
 
     def _split(self, prefix: str, last: str) -> None:
         """The keys under ``prefix`` after ``last``: those directly under it from a delimiter listing, those in
-        its sub-prefixes by ranges of them; the sub-prefix holding ``last`` on its own, after ``last``."""
+        its sub-prefixes by ranges of them; the sub-prefix holding ``last`` on its own, after ``last``.
+
+        A store whose delimiter listing after ``last`` names anything but sub-prefixes after it (SeaweedFS 4.48
+        names the folders inside the one holding ``last``) is not split: the prefix is listed page after page."""
         holding = sub_prefix_of(prefix, last)
-        if holding is not None:
-            self._add(_ListJob("prefix", holding, last))
         token: str | None = None
+        first = True
         while True:
             page = self._page(prefix, token, last, "/")
+            runs = [sub for sub in page.prefixes if sub != holding]
+            if any(sub_prefix_of(prefix, sub) != sub or sub <= last for sub in runs):
+                if not first:
+                    raise DownloaderError(
+                        f"listing bucket '{self.bucket}': the store's delimiter listing is not S3's; set "
+                        "list_concurrency: 1 (--list-concurrency 1)"
+                    )
+                self._in_order(prefix, last)
+                return
+            if first and holding is not None:
+                self._add(_ListJob("prefix", holding, last))
+            first = False
             if page.objects:
                 self._put(page.objects)
-            runs = [sub for sub in page.prefixes if sub != holding]
             step = max(1, -(-len(runs) // (2 * self.concurrency)))
             for start in range(0, len(runs), step):
                 self._add(_ListJob("range", prefix, None, tuple(runs[start : start + step])))
@@ -3668,24 +3681,47 @@ class ParallelListing:
             if not token:
                 return
 
+    def _in_order(self, prefix: str, last: str) -> None:
+        """The keys under ``prefix`` after ``last``, page after page."""
+        token: str | None = None
+        while True:
+            page = self._page(prefix, token, last)
+            if page.objects:
+                self._put(page.objects)
+            token = page.token
+            if not token:
+                return
+
     def _range(self, job: _ListJob) -> None:
-        """A run of sub-prefixes, as one flat listing from the first to past the last; a run of more than a
-        page keeps its first page, lists the sub-prefix holding that page's last key as a prefix of its own
-        (split again if it is large) and hands the rest of the run back as a new range."""
+        """A run of sub-prefixes, listed flat from the first to past the last: the first request by the first
+        sub-prefix itself, the next ones after the last key seen (start-after is only ever a real key: SeaweedFS
+        4.48 skips whatever starts with a start-after that is no key). A run of more than a page keeps its first
+        page, lists the sub-prefix holding that page's last key as a prefix of its own (split again if it is
+        large) and hands the rest of the run back as a new range."""
         runs, prefix = job.runs, job.prefix
         low, high = runs[0], past(runs[-1])
-        after = low[:-1]  # below every key under ``low``, and above every key under the sub-prefixes before it
-        while True:
-            page = self._page(prefix, None, after)
-            kept = [obj for obj in page.objects if low <= obj.key < high and "/" in obj.key[len(prefix) :]]
-            if kept:
-                self._put(kept)
-            last = page.last_key
-            if not page.token or last is None or last >= high:
-                return
-            if last >= low:
-                break
-            after = last  # a page of keys that sort between ``after`` and the run ("ab-x" before "ab/")
+        page = self._page(low, None, None)
+        if page.objects:
+            self._put(page.objects)
+        last = page.last_key
+        if last is None:
+            if len(runs) > 1:
+                self._add(_ListJob("range", prefix, None, runs[1:]))
+            return
+        if page.token:  # the first sub-prefix alone is more than a page: split it, and the rest of the run apart
+            if len(runs) > 1:
+                self._add(_ListJob("range", prefix, None, runs[1:]))
+            self._split(low, last)
+            return
+        if len(runs) == 1:
+            return
+        page = self._page(prefix, None, last)
+        kept = [obj for obj in page.objects if obj.key < high and "/" in obj.key[len(prefix) :]]
+        if kept:
+            self._put(kept)
+        last = page.last_key
+        if not page.token or last is None or last >= high:
+            return
         holding = sub_prefix_of(prefix, last)
         rest = tuple(sub for sub in runs if sub > last and sub != holding)
         if rest:
