@@ -14,6 +14,7 @@ interleaved, ``--rounds`` times; the script prints each one's median wall time a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from listing_cpu import seeded_bucket  # noqa: E402
 
 
 def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, lines printed) of one run of ``command`` under GNU time."""
+    """(wall seconds, peak RSS MiB, keys listed: --json's would_download, or lines printed) of one run."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as times:
         started = time.perf_counter()
         done = subprocess.run(
@@ -43,7 +44,9 @@ def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int
         wall = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(f"{command[0]} exited {done.returncode}: {done.stderr[-500:]}")
-        return wall, int(times.read().split()[-1]) / 1024, done.stdout.count("\n")
+        out = done.stdout
+        count = json.loads(out)["would_download"] if out.startswith("{") else out.count("\n")
+        return wall, int(times.read().split()[-1]) / 1024, count
 
 
 def run_tools(bucket: str, endpoint: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, list]:
@@ -63,7 +66,7 @@ def run_tools(bucket: str, endpoint: str, env: dict[str, str], args: argparse.Na
         for _ in range(args.rounds):
             for name, command in commands.items():
                 results[name].append(measured([str(part) for part in command], env))
-                print(f"  {name}: {results[name][-1][0]:.2f} s", flush=True)
+                print(f"  {name}: {results[name][-1][0]:.2f} s, {results[name][-1][2]:,} keys", flush=True)
     return results
 
 
