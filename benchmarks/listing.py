@@ -52,7 +52,8 @@ def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int
 def run_tools(bucket: str, endpoint: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, list]:
     """Every tool ``args.rounds`` times, interleaved, through a proxy that delays each list request."""
     with FaultProxy(endpoint) as proxy, tempfile.TemporaryDirectory(prefix="adl-listing-") as scratch:
-        proxy.delay(seconds=args.delay_ms / 1000, where=lambda request: "list-type=2" in request.query)
+        # Every GET of a dry run is a listing; rclone lists with ListObjects V1 (no list-type=2), so match all GETs.
+        proxy.delay(seconds=args.delay_ms / 1000, method="GET")
         ours = [sys.executable, str(bench.TOOL_SCRIPT), "--buckets", bucket, "--endpoint-url", proxy.url,
                 "--dry-run", "--quiet", "--json", "--log-file", "", "--download-dir"]  # fmt: skip
         commands = {
