@@ -5275,7 +5275,7 @@ class Transfer:
         headers = self._head(obj)
         composite = composite_checksum(headers) if full_checksum(headers) is None else None
         if composite is not None:
-            return self._hash_local_composite(obj, target, composite)
+            return self._hash_local_parts(obj, target, composite)
         if full_checksum(headers) is None and not encryption_note(headers) and etag_kind(obj.etag) == "multipart":
             return self._hash_local_parts(obj, target)
         if md5 is not None and full_checksum(headers) is None and not encryption_note(headers):
@@ -5294,30 +5294,22 @@ class Transfer:
         except ChecksumMismatch as exc:
             return LocalCheck("differ", hasher.algorithm, str(exc))
 
-    def _hash_local_parts(self, obj: S3Object, target: Path) -> LocalCheck:
-        """A multipart ETag: the MD5s of the local file cut on the object's own upload parts."""
-        parts = self._own_parts(obj)
-        digests = [PartHash("md5") for _ in parts]
+    def _hash_local_parts(self, obj: S3Object, target: Path, composite: FullChecksum | None = None) -> LocalCheck:
+        """The local file cut on the object's own upload parts: their MD5s rebuild a multipart ETag, or their
+        CRCs the ``composite`` checksum."""
+        kind = composite.algorithm if composite else "md5"
+        record_kind = kind if composite else "md5-multipart"
+        parts = self._own_parts(obj, composite.parts if composite else 0)
+        digests = [PartHash(kind) for _ in parts]
         try:
             self._hash_whole(obj, target, [(p.start, p.size, digest) for p, digest in zip(parts, digests, strict=True)])
-            record = verify_multipart_etag(obj.etag, [bytes.fromhex(digest.text()) for digest in digests])
+            if composite is not None:
+                record = verify_composite(composite, [digest.value for digest in digests])
+            else:
+                record = verify_multipart_etag(obj.etag, [bytes.fromhex(digest.text()) for digest in digests])
         except ChecksumMismatch as exc:
-            return LocalCheck("differ", "md5-multipart", str(exc))
-        return LocalCheck("match", "md5-multipart", record)
-
-    def _hash_local_composite(self, obj: S3Object, target: Path, expected: FullChecksum) -> LocalCheck:
-        """A composite CRC: the CRCs of the local file cut on the object's own upload parts, rebuilt into it."""
-        name = expected.algorithm
-        parts = self._own_parts(obj, expected.parts)
-        digests = [PartHash(name) for _ in parts]
-        try:
-            self._hash_whole(obj, target, [(p.start, p.size, digest) for p, digest in zip(parts, digests, strict=True)])
-        except ChecksumMismatch as exc:
-            return LocalCheck("differ", name, str(exc))
-        actual = composite_crc(name, [digest.value for digest in digests])
-        if actual != expected.value:
-            return LocalCheck("differ", name, f"composite {name} of the parts {actual} != {expected.value}")
-        return LocalCheck("match", name, f"{name}:{actual}")
+            return LocalCheck("differ", record_kind, str(exc))
+        return LocalCheck("match", record_kind, record)
 
     def _hash_whole(
         self, obj: S3Object, target: Path, pieces: Sequence[tuple[int, int, StreamHasher | PartHash]]
@@ -5552,14 +5544,11 @@ class Transfer:
             name = expected.algorithm
             crcs = [int(done[part.index].partition(":")[2], 16) for part in parts]
             if expected.parts:
-                actual = composite_crc(name, crcs)
-                if actual != expected.value:
-                    raise ChecksumMismatch(f"composite {name} of the parts {actual} != {expected.value}")
-            else:
-                pieces = [(crc, part.size) for crc, part in zip(crcs, parts, strict=True)]
-                actual = crc_base64(name, combine_crcs(name, pieces))
-                if actual != expected.value:
-                    raise ChecksumMismatch(f"{name} of the combined ranges {actual} != {expected.value}")
+                return verify_composite(expected, crcs)
+            pieces = [(crc, part.size) for crc, part in zip(crcs, parts, strict=True)]
+            actual = crc_base64(name, combine_crcs(name, pieces))
+            if actual != expected.value:
+                raise ChecksumMismatch(f"{name} of the combined ranges {actual} != {expected.value}")
             return f"{name}:{actual}"
         if note:  # an encrypted multipart object: its ETag is no MD5 of MD5s either
             return f"unverifiable: {note}"
@@ -5734,6 +5723,14 @@ def composite_crc(name: str, part_crcs: Sequence[int]) -> str:
     """A composite checksum as S3 writes it: the CRC of the parts' big-endian CRCs, concatenated, then "-N"."""
     joined = b"".join(crc.to_bytes(4, "big") for crc in part_crcs)
     return f"{crc_base64(name, crc_function(name)(joined, 0))}-{len(part_crcs)}"
+
+
+def verify_composite(expected: FullChecksum, part_crcs: Sequence[int]) -> str:
+    """The checksum record of an object whose parts' CRCs rebuild its composite checksum; ChecksumMismatch if not."""
+    actual = composite_crc(expected.algorithm, part_crcs)
+    if actual != expected.value:
+        raise ChecksumMismatch(f"composite {expected.algorithm} of the parts {actual} != {expected.value}")
+    return f"{expected.algorithm}:{actual}"
 
 
 def crc_base64(name: str, value: int) -> str:
