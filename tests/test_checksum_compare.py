@@ -429,17 +429,16 @@ def test_a_large_object_is_compared_by_its_crc_not_its_md5(
 
 
 @pytest.mark.seaweedfs
-def test_a_full_object_crc64nvme_multipart_object_is_compared_by_its_crc(seaweed: S3Server, tmp_path: Path) -> None:
-    """moto's multipart full-object CRC64NVME is wrong (../shared/SERVERS.md), SeaweedFS's is right: the HEAD's
-    CRC decides, so the file is read once, with no partNumber HEAD for the MD5 parts."""
-    from test_checksums import crc64, put_full_object_multipart
-
-    bucket = f"compare-crc-{random.randrange(10**6)}"
-    body = random.Random(11).randbytes(11 * MiB)
+def compared_then_flipped(seaweed: S3Server, tmp_path: Path, body: bytes, upload, flip_at: int):
+    """mp.bin uploaded by ``upload(client, bucket)`` to a fresh SeaweedFS bucket, a correct local copy compared
+    with --checksum, then a byte flipped at ``flip_at`` and the journal gone, and --verify-local. Returns the
+    --checksum summary, its HEADs and GET count of mp.bin, the journaled checksum, the --verify-local report and
+    what ``upload`` returned."""
+    bucket = f"compare-mp-{random.randrange(10**6)}"
     client = seaweed.uploading_client()
     try:
         client.create_bucket(Bucket=bucket)
-        put_full_object_multipart(client, bucket, "mp.bin", body, 5 * MiB)
+        uploaded = upload(client, bucket)
     finally:
         client.close()
     path = tmp_path / "data" / bucket / "mp.bin"
@@ -450,16 +449,30 @@ def test_a_full_object_crc64nvme_multipart_object_is_compared_by_its_crc(seaweed
         summary = adl.AWSDataDownloader({**settings, "checksum": True, "log_file": ""}).run_full_download()
         heads = proxy.requests("HEAD", key="mp.bin")
         gets = proxy.count("GET", key="mp.bin")
-
-        assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
-        assert gets == 0 and len(heads) == 1 and "partNumber" not in heads[0].query
         entry = json.loads((tmp_path / "data" / "download_resume.json").read_text())["completed"][bucket]["mp.bin"]
-        assert entry["checksum"] == f"crc64nvme:{crc64(body)}"
-
-        path.write_bytes(flipped(body, 10 * MiB))
+        path.write_bytes(flipped(body, flip_at))
         (tmp_path / "data" / "download_resume.json").unlink()
         report = adl.AWSDataDownloader(settings).run_full_download(verify_local=True)
+    return summary, heads, gets, entry["checksum"], report, uploaded
 
+
+def test_a_full_object_crc64nvme_multipart_object_is_compared_by_its_crc(seaweed: S3Server, tmp_path: Path) -> None:
+    """moto's multipart full-object CRC64NVME is wrong (../shared/SERVERS.md), SeaweedFS's is right: the HEAD's
+    CRC decides, so the file is read once, with no partNumber HEAD for the MD5 parts."""
+    from test_checksums import crc64, put_full_object_multipart
+
+    body = random.Random(11).randbytes(11 * MiB)
+    summary, heads, gets, checksum, report, _ = compared_then_flipped(
+        seaweed,
+        tmp_path,
+        body,
+        lambda client, bucket: put_full_object_multipart(client, bucket, "mp.bin", body, 5 * MiB),
+        10 * MiB,
+    )
+
+    assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
+    assert gets == 0 and len(heads) == 1 and "partNumber" not in heads[0].query
+    assert checksum == f"crc64nvme:{crc64(body)}"
     assert report.local_checks == {"differ": 1}
     assert report.failures[0].reason == "differs from S3 (crc64nvme)"
 
@@ -471,30 +484,17 @@ def test_a_composite_crc_multipart_object_is_compared_on_its_own_parts_by_its_cr
     record is the CRC (an SSE-KMS multipart object has nothing else to compare by), and a flipped byte differs."""
     from test_checksums import put_composite_multipart
 
-    bucket = f"compare-composite-{random.randrange(10**6)}"
     body = random.Random(12).randbytes(11 * MiB)
-    client = seaweed.uploading_client()
-    try:
-        client.create_bucket(Bucket=bucket)
-        _, composite = put_composite_multipart(client, bucket, "mp.bin", body, "CRC32C")
-    finally:
-        client.close()
-    path = tmp_path / "data" / bucket / "mp.bin"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(body)
-    with FaultProxy(seaweed.endpoint) as proxy:
-        settings = {**FAST, "buckets": [bucket], "download_dir": str(tmp_path / "data"), "endpoint_url": proxy.url}
-        summary = adl.AWSDataDownloader({**settings, "checksum": True, "log_file": ""}).run_full_download()
-        gets = proxy.count("GET", key="mp.bin")
+    summary, _, gets, checksum, report, (_, composite) = compared_then_flipped(
+        seaweed,
+        tmp_path,
+        body,
+        lambda client, bucket: put_composite_multipart(client, bucket, "mp.bin", body, "CRC32C"),
+        6 * MiB,
+    )
 
-        assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
-        assert gets == 0
-        entry = json.loads((tmp_path / "data" / "download_resume.json").read_text())["completed"][bucket]["mp.bin"]
-        assert entry["checksum"] == f"crc32c:{composite}"
-
-        path.write_bytes(flipped(body, 6 * MiB))
-        (tmp_path / "data" / "download_resume.json").unlink()
-        report = adl.AWSDataDownloader(settings).run_full_download(verify_local=True)
-
+    assert summary.ok and (summary.checked, summary.local_checks) == (1, {"match": 1})
+    assert gets == 0
+    assert checksum == f"crc32c:{composite}"
     assert report.local_checks == {"differ": 1}
     assert report.failures[0].reason == "differs from S3 (crc32c)"

@@ -75,6 +75,50 @@ def download(endpoint: str, bucket: str, tmp_path: Path, **config: object) -> ad
     return adl.AWSDataDownloader({**settings, **config}).run_full_download()
 
 
+def flipped_download(seaweed: S3Server, bucket: str, tmp_path: Path, body: bytes, at: int, start: int, times: int):
+    """Download flip.bin with a byte flipped at ``at`` of the range starting at ``start``, ``times`` times;
+    returns the summary and how many GETs it made. A flip once is refetched; every time, it fails."""
+    with FaultProxy(seaweed.endpoint) as proxy:
+        proxy.flip(key="flip.bin", at=at, times=times, where=lambda r: r.range is not None and r.range[0] == start)
+        summary = download(proxy.url, bucket, tmp_path, **LARGE)
+        gets = len(proxy.requests("GET", key="flip.bin"))
+    target = tmp_path / "d" / bucket / "flip.bin"
+    if times == 1:
+        assert summary.ok and target.read_bytes() == body
+    else:
+        assert [(f.key, f.reason) for f in summary.failures] == [("flip.bin", "checksum mismatch")]
+        assert not target.exists() and not list(target.parent.glob(".adl-*"))
+    return summary, gets
+
+
+def stopped_then_resumed(seaweed: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int):
+    """Download resume.bin, stopping the run once ``parts`` parts are journaled, then run again; returns the
+    re-run's summary, the bytes each run fetched and the ranges the re-run asked for."""
+    settings = {**FAST, **LARGE, "buckets": [bucket], "download_dir": str(tmp_path / "d"), "parallel_downloads": 1}
+    record_part = adl.ResumeJournal.record_part
+    recorded: list[int] = []
+
+    with FaultProxy(seaweed.endpoint) as proxy:
+        downloader = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url})
+
+        def record_then_stop(self, obj, layout, index, digest):
+            record_part(self, obj, layout, index, digest)
+            recorded.append(index)
+            if len(recorded) == parts:
+                downloader.stop()
+
+        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_then_stop)
+        with pytest.raises(adl.DownloadInterrupted):
+            downloader.run_full_download()
+        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_part)
+        first = proxy.bytes_sent("GET", key="resume.bin")
+        proxy.reset_stats()
+        summary = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url}).run_full_download()
+        second = proxy.bytes_sent("GET", key="resume.bin")
+        ranges = sorted(r.range for r in proxy.requests("GET", key="resume.bin"))
+    return summary, first, second, ranges
+
+
 def journal(tmp_path: Path, bucket: str) -> dict[str, dict]:
     state = adl.ResumeJournal(tmp_path / "d" / "download_resume.json").load()
     return {key: {"checksum": entry.checksum} for (b, key), entry in state._completed.items() if b == bucket}
@@ -151,19 +195,11 @@ def test_a_byte_flipped_in_one_range_never_reaches_the_final_file(store, tmp_pat
     body = random.Random(2).randbytes(5 * MiB)
     client.put_object(Bucket=bucket, Key="flip.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
 
-    with FaultProxy(seaweed.endpoint) as proxy:
-        proxy.flip(key="flip.bin", at=1000, times=times, where=lambda r: r.range is not None and r.range[0] == 2 * MiB)
-        summary = download(proxy.url, bucket, tmp_path, **LARGE)
-        ranged = proxy.requests("GET", key="flip.bin")
-
-    target = tmp_path / "d" / bucket / "flip.bin"
+    _, gets = flipped_download(seaweed, bucket, tmp_path, body, at=1000, start=2 * MiB, times=times)
     if times == 1:
-        assert summary.ok and target.read_bytes() == body
-        assert len(ranged) == 2 * 5, "the whole object once more: every range"
+        assert gets == 2 * 5, "the whole object once more: every range"
     else:
-        assert [(f.key, f.reason) for f in summary.failures] == [("flip.bin", "checksum mismatch")]
-        assert not target.exists() and not list(target.parent.glob(".adl-*"))
-        assert len(ranged) == 3 * 5, "the first fetch and retry_attempts (2) more"
+        assert gets == 3 * 5, "the first fetch and retry_attempts (2) more"
 
 
 def test_an_interrupted_crc_object_resumes_only_its_missing_ranges(
@@ -173,28 +209,7 @@ def test_an_interrupted_crc_object_resumes_only_its_missing_ranges(
     seaweed, bucket, client = store
     body = random.Random(3).randbytes(6 * MiB + 99)
     client.put_object(Bucket=bucket, Key="resume.bin", Body=body, ChecksumAlgorithm="CRC64NVME")
-    settings = {**FAST, **LARGE, "buckets": [bucket], "download_dir": str(tmp_path / "d"), "parallel_downloads": 1}
-    record_part = adl.ResumeJournal.record_part
-    recorded: list[int] = []
-
-    with FaultProxy(seaweed.endpoint) as proxy:
-        downloader = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url})
-
-        def record_then_stop(self, obj, layout, index, digest):
-            record_part(self, obj, layout, index, digest)
-            recorded.append(index)
-            if len(recorded) == 3:
-                downloader.stop()
-
-        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_then_stop)
-        with pytest.raises(adl.DownloadInterrupted):
-            downloader.run_full_download()
-        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_part)
-        first = proxy.bytes_sent("GET", key="resume.bin")
-        proxy.reset_stats()
-        summary = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url}).run_full_download()
-        second = proxy.bytes_sent("GET", key="resume.bin")
-        second_ranges = sorted(r.range for r in proxy.requests("GET", key="resume.bin"))
+    summary, first, second, second_ranges = stopped_then_resumed(seaweed, bucket, tmp_path, monkeypatch, parts=3)
 
     assert summary.ok and (tmp_path / "d" / bucket / "resume.bin").read_bytes() == body
     assert first == 3 * MiB, "stopped after three ranges"
@@ -269,19 +284,11 @@ def test_a_byte_flipped_in_one_part_of_a_composite_object_never_reaches_the_fina
     body = random.Random(5).randbytes(11 * MiB)
     put_composite_multipart(client, bucket, "flip.bin", body, "CRC32")
 
-    with FaultProxy(seaweed.endpoint) as proxy:
-        proxy.flip(key="flip.bin", at=77, times=times, where=lambda r: r.range is not None and r.range[0] == 5 * MiB)
-        summary = download(proxy.url, bucket, tmp_path, **LARGE)
-        gets = proxy.requests("GET", key="flip.bin")
-
-    target = tmp_path / "d" / bucket / "flip.bin"
+    _, gets = flipped_download(seaweed, bucket, tmp_path, body, at=77, start=5 * MiB, times=times)
     if times == 1:
-        assert summary.ok and target.read_bytes() == body
-        assert len(gets) == 2 * 3, "the whole object once more: every part"
+        assert gets == 2 * 3, "the whole object once more: every part"
     else:
-        assert [(f.key, f.reason) for f in summary.failures] == [("flip.bin", "checksum mismatch")]
-        assert not target.exists() and not list(target.parent.glob(".adl-*"))
-        assert len(gets) == 3 * 3, "the first fetch and retry_attempts (2) more"
+        assert gets == 3 * 3, "the first fetch and retry_attempts (2) more"
 
 
 def test_an_interrupted_composite_object_resumes_only_its_missing_parts(
@@ -291,26 +298,7 @@ def test_an_interrupted_composite_object_resumes_only_its_missing_parts(
     seaweed, bucket, client = store
     body = random.Random(6).randbytes(5 * MiB * 3 + 12345)
     _, composite = put_composite_multipart(client, bucket, "resume.bin", body, "CRC32C")
-    settings = {**FAST, **LARGE, "buckets": [bucket], "download_dir": str(tmp_path / "d"), "parallel_downloads": 1}
-    record_part = adl.ResumeJournal.record_part
-    recorded: list[int] = []
-
-    with FaultProxy(seaweed.endpoint) as proxy:
-        downloader = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url})
-
-        def record_then_stop(self, obj, layout, index, digest):
-            record_part(self, obj, layout, index, digest)
-            recorded.append(index)
-            if len(recorded) == 2:
-                downloader.stop()
-
-        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_then_stop)
-        with pytest.raises(adl.DownloadInterrupted):
-            downloader.run_full_download()
-        monkeypatch.setattr(adl.ResumeJournal, "record_part", record_part)
-        proxy.reset_stats()
-        summary = adl.AWSDataDownloader({**settings, "endpoint_url": proxy.url}).run_full_download()
-        second = sorted(r.range for r in proxy.requests("GET", key="resume.bin"))
+    summary, _, _, second = stopped_then_resumed(seaweed, bucket, tmp_path, monkeypatch, parts=2)
 
     assert summary.ok and (tmp_path / "d" / bucket / "resume.bin").read_bytes() == body
     assert second == [(10 * MiB, 15 * MiB - 1), (15 * MiB, len(body) - 1)], "only the two parts not done"
