@@ -3524,6 +3524,12 @@ def sub_prefix_of(prefix: str, key: str) -> str | None:
     return None if slash < 0 else prefix + rest[: slash + 1]
 
 
+def in_s3_order(prefix: str, after: str, subs: list[str]) -> bool:
+    """Whether ``subs`` are sub-prefixes one level below ``prefix``, ascending byte by byte, all after ``after``:
+    what a delimiter listing in S3's order gives, and what ranges of sub-prefixes rely on."""
+    return all(sub_prefix_of(prefix, sub) == sub and sub > low for low, sub in zip([after, *subs], subs, strict=False))
+
+
 def past(sub_prefix: str) -> str:
     """The smallest string above every key under ``sub_prefix`` (which ends in "/"; "0" follows "/")."""
     return sub_prefix[:-1] + "0"
@@ -3653,27 +3659,30 @@ class ParallelListing:
         """The keys under ``prefix`` after ``last``: those directly under it from a delimiter listing, those in
         its sub-prefixes by ranges of them; the sub-prefix holding ``last`` on its own, after ``last``.
 
-        A store whose delimiter listing after ``last`` names anything but sub-prefixes after it (SeaweedFS 4.48
-        names the folders inside the one holding ``last``) is not split: the prefix is listed page after page."""
+        Ranges need S3's order: sub-prefixes after ``last``, each a level below ``prefix``, ascending from page to
+        page. SeaweedFS 4.48 breaks it two ways: after a key inside a folder it names the folders inside that one,
+        and it lists a folder where its name sorts ("q/" before "q!ab/", whose keys sort first byte by byte). A
+        page out of that order ends the split there: the rest is listed page after page, without what the pages
+        before it handed out."""
         holding = sub_prefix_of(prefix, last)
         token: str | None = None
-        first = True
+        covered: set[str] = set()  # the sub-prefixes handed out as ranges
+        direct: str | None = None  # the last key directly under ``prefix`` put
+        bound = last
         while True:
             page = self._page(prefix, token, last, "/")
             runs = [sub for sub in page.prefixes if sub != holding]
-            if any(sub_prefix_of(prefix, sub) != sub or sub <= last for sub in runs):
-                if not first:
-                    raise DownloaderError(
-                        f"listing bucket '{self.bucket}': the store's delimiter listing is not S3's; set "
-                        "list_concurrency: 1 (--list-concurrency 1)"
-                    )
-                self._in_order(prefix, last)
+            if not in_s3_order(prefix, bound, runs):
+                self._in_order(prefix, last, None if token is None else (holding, covered, direct))
                 return
-            if first and holding is not None:
+            if token is None and holding is not None:
                 self._add(_ListJob("prefix", holding, last))
-            first = False
             if page.objects:
                 self._put(page.objects)
+                direct = page.objects[-1].key
+            if runs:
+                covered.update(runs)
+                bound = runs[-1]
             step = max(1, -(-len(runs) // (2 * self.concurrency)))
             for start in range(0, len(runs), step):
                 self._add(_ListJob("range", prefix, None, tuple(runs[start : start + step])))
@@ -3681,16 +3690,29 @@ class ParallelListing:
             if not token:
                 return
 
-    def _in_order(self, prefix: str, last: str) -> None:
-        """The keys under ``prefix`` after ``last``, page after page."""
+    def _in_order(self, prefix: str, last: str, handed: tuple[str | None, set[str], str | None] | None) -> None:
+        """The keys under ``prefix`` after ``last``, page after page; without, when ``handed`` names them, the keys
+        a split already handed out: those in the sub-prefix holding ``last``, in the sub-prefixes given to ranges,
+        and those directly under ``prefix`` up to the last one put (a folder's own keys keep S3's order
+        everywhere)."""
         token: str | None = None
         while True:
             page = self._page(prefix, token, last)
-            if page.objects:
-                self._put(page.objects)
+            objects = page.objects
+            if handed is not None and objects:
+                objects = [obj for obj in objects if not self._handed_out(prefix, obj.key, *handed)]
+            if objects:
+                self._put(objects)
             token = page.token
             if not token:
                 return
+
+    @staticmethod
+    def _handed_out(prefix: str, key: str, holding: str | None, covered: set[str], direct: str | None) -> bool:
+        sub = sub_prefix_of(prefix, key)
+        if sub is None:
+            return direct is not None and key <= direct
+        return sub == holding or sub in covered
 
     def _range(self, job: _ListJob) -> None:
         """A run of sub-prefixes, listed flat from the first to past the last: the first request by the first
