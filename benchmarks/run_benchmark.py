@@ -53,7 +53,14 @@ REQUIREMENTS = HERE / "requirements.txt"
 KiB = 1024
 MiB = 1024 * KiB
 ALL_TOOLS = ["adl", "adl-noverify", "s5cmd", "rclone", "awscli", "obstore"]
-ALL_WORKLOADS = ["small", "medium", "large", "small_crc", "medium_crc", "large_crc", "ttfb"]
+ALL_WORKLOADS = ["small", "medium", "large", "small_crc", "medium_crc", "large_crc", "ttfb", "listing", "listing_1m"]
+#: What runs without --workloads: all but listing_1m, whose seeding alone takes ~8 minutes (1,000,000 PUTs) and
+#: whose runs take ~40 s each; name it to run it.
+DEFAULT_WORKLOADS = [name for name in ALL_WORKLOADS if name != "listing_1m"]
+#: The listing workloads (issue 13): a dry run / listing only, the milliseconds a proxy adds to every GET
+#: (a full page on AWS takes tens to a hundred ms), and the tools they run instead of --tools.
+LISTING_DELAY_MS = {"listing": 100.0, "listing_1m": 0.0}
+LISTING_TOOLS = ["adl", "adl-list1", "s5cmd", "rclone"]
 #: The workloads that have a `*_crc` twin: the same shape, seeded with today's S3 checksums.
 CRC_SHAPES = ("small", "medium", "large")
 ACCESS_KEY = "bench-access"
@@ -85,8 +92,9 @@ class Workload:
     # already-seeded workloads stay the same and their cached data stays valid.
     @property
     def shape(self) -> str:
-        """small, medium, large or ttfb: the keys and the per-object figures (a `*_crc` twin shares them)."""
-        return self.name.removesuffix("_crc")
+        """small, medium, large or ttfb: the keys and the per-object figures (a `*_crc` twin shares them; the
+        listing workloads have ttfb's keys)."""
+        return "ttfb" if self.name in LISTING_DELAY_MS else self.name.removesuffix("_crc")
 
     @property
     def checksums(self) -> bool:
@@ -103,6 +111,8 @@ def workloads_for(quick: bool) -> dict[str, Workload]:
             "medium": Workload("medium", f"bench-{tag}-medium", 100, 1 * MiB),
             "large": Workload("large", f"bench-{tag}-large", 1, 64 * MiB, part_size=8 * MiB),
             "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 10_000, 64, prefixes=100),
+            "listing": Workload("listing", f"bench-{tag}-listing", 20_000, 64, prefixes=200),
+            "listing_1m": Workload("listing_1m", f"bench-{tag}-listing-1m", 100_000, 64, prefixes=1_000),
         }
     else:
         workloads = {
@@ -110,6 +120,8 @@ def workloads_for(quick: bool) -> dict[str, Workload]:
             "medium": Workload("medium", f"bench-{tag}-medium", 1_000, 1 * MiB),
             "large": Workload("large", f"bench-{tag}-large", 4, 256 * MiB, part_size=8 * MiB),
             "ttfb": Workload("ttfb", f"bench-{tag}-ttfb", 100_000, 64, prefixes=1_000),
+            "listing": Workload("listing", f"bench-{tag}-listing", 200_000, 64, prefixes=2_000),
+            "listing_1m": Workload("listing_1m", f"bench-{tag}-listing-1m", 1_000_000, 64, prefixes=10_000),
         }
     for shape in CRC_SHAPES:
         twin = workloads[shape]  # bucket names allow no underscore
@@ -857,6 +869,73 @@ def run_one(
         remove_tree(run_dir)
 
 
+def listing_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, scratch: Path) -> list[str]:
+    """The command line for one tool listing the whole bucket: our dry run (with its default list_concurrency,
+    or 1 = page after page), s5cmd `ls`, rclone's parallel walk `lsf -R`."""
+    if tool in ("adl", "adl-list1"):
+        command = [sys.executable, str(TOOL_SCRIPT), "--buckets", bucket, "--endpoint-url", endpoint, "--dry-run",
+                   "--quiet", "--json", "--log-file", "", "--download-dir", str(scratch)]  # fmt: skip
+        return [*command, "--list-concurrency", "1"] if tool == "adl-list1" else command
+    if tool == "s5cmd":
+        return [bins["s5cmd"], "--endpoint-url", endpoint, "ls", f"s3://{bucket}/*"]
+    if tool == "rclone":
+        return [bins["rclone"], "lsf", "-R", "--files-only", f"bench:{bucket}"]
+    raise ValueError(f"unknown listing tool {tool}")
+
+
+def run_listing(workload: Workload, tool: str, rep: int, ctx: Context, endpoint: str) -> Run:
+    """List one listing workload with one tool through ``endpoint`` (the delaying proxy, or the server itself)
+    and check it listed every key once: our dry run's would_download, the others' lines of output."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{workload.name}-{tool}-", dir=ctx.workdir / "runs"))
+    command = listing_command(tool, ctx.bins, endpoint, workload.bucket, run_dir / "download")
+    run = Run(workload.name, tool, rep, ok=False, command=command)
+    env = {**ctx.env, "RCLONE_CONFIG_BENCH_ENDPOINT": endpoint}
+    try:
+        server_before = ctx.server_cpu()
+        try:
+            measured = run_measured(command, env, run_dir, ctx.time_bin, ctx.timeout)
+        except TimeoutError as exc:
+            run.error = str(exc)
+            return run
+        server_after = ctx.server_cpu()
+        if server_before is not None and server_after is not None:
+            run.server_cpu_s = server_after - server_before
+        run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
+        run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
+        run.exit_code = measured["exit_code"]
+        out = measured["stdout"]
+        if run.exit_code != 0:
+            run.error = f"exit code {run.exit_code}: {(measured['stderr'].strip() or out.strip())[-400:]}"
+            return run
+        if tool.startswith("adl"):
+            with contextlib.suppress(ValueError, IndexError):
+                run.tool_summary = json.loads(out.strip().splitlines()[-1])
+            run.files = (run.tool_summary or {}).get("would_download", 0)
+        else:
+            run.files = out.count("\n")
+        run.ok = run.files == workload.count
+        if not run.ok:
+            run.error = f"listed {run.files:,} keys of {workload.count:,}"
+        return run
+    finally:
+        remove_tree(run_dir)
+
+
+@contextlib.contextmanager
+def listing_endpoint(endpoint: str, delay_ms: float) -> Iterator[str]:
+    """The endpoint the listing tools talk to: the server itself, or the tests' fault proxy in front of it,
+    delaying every GET (rclone lists with ListObjects V1, so a list-type=2 rule would miss it)."""
+    if not delay_ms:
+        yield endpoint
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from faultproxy import FaultProxy
+
+    with FaultProxy(endpoint) as proxy:
+        proxy.delay(seconds=delay_ms / 1000, method="GET")
+        yield proxy.url
+
+
 @dataclass
 class Context:
     """What every run needs: where to work, the server, the binaries, how to measure."""
@@ -910,7 +989,7 @@ def summarize(runs: list[Run], workload: Workload, tool: str) -> dict[str, Any] 
         "mb_per_s": total / 1e6 / wall,
         "cpu_s": cpu,
         "cpu_ms_per_object": cpu * 1000 / files,
-        "cpu_s_per_gb": cpu / (total / 1e9),
+        "cpu_s_per_gb": cpu / (total / 1e9) if total else None,  # a listing workload moves no bytes
         "server_cpu_s": statistics.median(server) if server else None,
         "peak_rss_mib": max(rss) if rss else None,
         "ttfb_s": statistics.median(ttfbs) if ttfbs else None,
@@ -936,6 +1015,9 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
         if not summaries:
             continue
         reference = summaries.get("s5cmd")
+        if name in LISTING_DELAY_MS:
+            lines += listing_markdown(workload, summaries, LISTING_DELAY_MS[name])
+            continue
         if name == "ttfb":
             lines.append(
                 f"### ttfb: one prefix ({workload.count // workload.prefixes} x {fmt_size(workload.size)}) "
@@ -998,6 +1080,32 @@ def markdown(results: dict[str, Any], workloads: dict[str, Workload]) -> str:
     return "\n".join(lines)
 
 
+def listing_markdown(workload: Workload, summaries: dict[str, Any], delay_ms: float) -> list[str]:
+    """A listing workload's table: wall time, CPU and peak RSS of each tool, and the two ratios the targets
+    name (against s5cmd `ls` and against our own page-after-page listing)."""
+    delay = f"{delay_ms:.0f} ms added to every list request" if delay_ms else "no added latency"
+    lines = [
+        f"### {workload.name}: listing {workload.count:,} keys under {workload.prefixes:,} prefixes ({delay})",
+        "",
+        "| tool | wall s | CPU s | server CPU s | peak RSS MiB | s5cmd ls time / this | adl-list1 time / this |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tool, row in summaries.items():
+        if row["failed"]:
+            lines.append(f"| {tool} | FAILED ({row['errors'][0][:80]}) | | | | | |")
+            continue
+        ratios = [
+            f"{ref['wall_s'] / row['wall_s']:.2f}x" if ref and not ref["failed"] else ""
+            for ref in (summaries.get("s5cmd"), summaries.get("adl-list1"))
+        ]
+        server = "n/a" if row.get("server_cpu_s") is None else f"{row['server_cpu_s']:.2f}"
+        lines.append(
+            f"| {tool} | {row['wall_s']:.2f} ({row['wall_min']:.2f}-{row['wall_max']:.2f}) | {row['cpu_s']:.2f} "
+            f"| {server} | {fmt_rss(row['peak_rss_mib'])} | {ratios[0]} | {ratios[1]} |"
+        )
+    return [*lines, ""]
+
+
 def fmt_rss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
@@ -1037,7 +1145,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of " + ",".join(ALL_WORKLOADS))
+    parser.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma list of {','.join(ALL_WORKLOADS)} (default: all but listing_1m)",
+    )
     parser.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list of " + ",".join(ALL_TOOLS))
     parser.add_argument("--reps", type=int, default=None, help="repetitions per tool (default 3, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="scaled-down datasets and 1 rep, for development")
@@ -1114,26 +1226,35 @@ def main(argv: list[str] | None = None) -> int:
             ctx = Context(workdir, server.endpoint, env, bins, time_bin, args.timeout, server.cpu_seconds)  # type: ignore[arg-type]
             manifests = {name: seed(workdir, server, w, bins["s5cmd"], env) for name, w in workloads.items()}  # type: ignore[arg-type]
             for name, workload in workloads.items():
-                for rep in range(args.reps):
-                    # Rotate the order each repetition so no tool always runs first (cold caches) or last.
-                    order = args.tools[rep % len(args.tools) :] + args.tools[: rep % len(args.tools)]
-                    for tool in order:
-                        first = not any(r.workload == name and r.tool == tool and r.full_check for r in runs)
-                        full = args.full_check == "all" or first
-                        run = run_one(workload, tool, rep, manifests[name], ctx, full)
-                        runs.append(run)
-                        status = "ok" if run.ok else f"FAILED: {run.error[:200]}"
-                        extra = f" ttfb {run.ttfb_s:.3f}s" if run.ttfb_s is not None else ""
-                        print(
-                            f"{name:10} rep {rep + 1}/{args.reps} {tool:13} {run.wall_s:7.2f}s wall "
-                            f"{run.cpu_s:7.2f}s CPU {fmt_rss(run.peak_rss_mib):>5} MiB{extra}  {status}",
-                            flush=True,
-                        )
+                tools = LISTING_TOOLS if name in LISTING_DELAY_MS else args.tools
+                with listing_endpoint(server.endpoint, LISTING_DELAY_MS.get(name, 0.0)) as endpoint:
+                    for rep in range(args.reps):
+                        # Rotate the order each repetition so no tool always runs first (cold caches) or last.
+                        for tool in tools[rep % len(tools) :] + tools[: rep % len(tools)]:
+                            first = not any(r.workload == name and r.tool == tool and r.full_check for r in runs)
+                            if name in LISTING_DELAY_MS:
+                                run = run_listing(workload, tool, rep, ctx, endpoint)
+                            else:
+                                run = run_one(
+                                    workload, tool, rep, manifests[name], ctx, args.full_check == "all" or first
+                                )
+                            runs.append(run)
+                            status = "ok" if run.ok else f"FAILED: {run.error[:200]}"
+                            extra = f" ttfb {run.ttfb_s:.3f}s" if run.ttfb_s is not None else ""
+                            print(
+                                f"{name:10} rep {rep + 1}/{args.reps} {tool:13} {run.wall_s:7.2f}s wall "
+                                f"{run.cpu_s:7.2f}s CPU {fmt_rss(run.peak_rss_mib):>5} MiB{extra}  {status}",
+                                flush=True,
+                            )
             tool_versions = versions(bins)  # type: ignore[arg-type]
         finally:
             server.stop()
     summary = {
-        name: {tool: s for tool in args.tools if (s := summarize(runs, workload, tool)) is not None}
+        name: {
+            tool: s
+            for tool in (LISTING_TOOLS if name in LISTING_DELAY_MS else args.tools)
+            if (s := summarize(runs, workload, tool)) is not None
+        }
         for name, workload in workloads.items()
     }
     rss_sources = sorted({run.rss_source for run in runs if run.rss_source}) or ["gnu-time %M"]
