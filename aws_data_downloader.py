@@ -3980,6 +3980,9 @@ def inventory_objects_csv(
     bucket, unquote, timestamp = manifest.source_bucket, urllib.parse.unquote_plus, parse_s3_timestamp
     # Decoding is most of a row's cost (~4 us of ~7): keys share their folders, so each folder is decoded once.
     folders: dict[str, str] = {}
+    # S3 dates are to the second, and keys uploaded together (in key order, as sync tools upload) share theirs:
+    # a row repeating the row before's date costs no parse (0.4 us, a tenth of a row's ~4 us).
+    date, when = "", 0.0
     for row in csv.reader(lines):
         if marker_at is not None and row[marker_at] == "true":
             left_out["delete marker"] += 1
@@ -3998,12 +4001,15 @@ def inventory_objects_csv(
         if is_folder_marker(key, size):
             continue
         version = row[version_at] if version_at is not None else ""
+        if row[date_at] != date:
+            date = row[date_at]
+            when = timestamp(date) if date else 0.0
         yield S3Object(
             bucket,
             key,
             size,
             row[etag_at].strip('"'),
-            timestamp(row[date_at]) if row[date_at] else 0.0,
+            when,
             (row[class_at] if class_at is not None else "") or "STANDARD",
             version if version and version != "null" else None,
         )

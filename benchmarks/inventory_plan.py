@@ -2,6 +2,7 @@
 
     python benchmarks/inventory_plan.py              # 1,000,000 rows in 4 data files
     python benchmarks/inventory_plan.py --rows 200000
+    python benchmarks/inventory_plan.py --per-second 1   # every row with a date of its own (default: 100 a second)
 
 It writes the data files locally (a temporary directory) and serves them to an InventoryReader through a stub
 engine that reads those files, so what is timed is the run's own path, without a server: fetch into the temp
@@ -44,8 +45,11 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_inventory(folder: Path, rows: int, files: int) -> dict:
-    """Data files of road-image-like keys (with spaces, so URL-encoded), and the manifest listing them."""
+def write_inventory(folder: Path, rows: int, files: int, per_second: int = 100) -> dict:
+    """Data files of road-image-like keys (with spaces, so URL-encoded), and the manifest listing them. Dates are
+    as an upload in key order at ``per_second`` objects a second leaves them (S3's dates are to the second); 1
+    gives every row a date of its own."""
+    start = 1_796_032_800  # 2026-11-30T10:00:00Z
     entries = []
     per_file = -(-rows // files)
     for number in range(files):
@@ -54,9 +58,8 @@ def write_inventory(folder: Path, rows: int, files: int) -> dict:
             for n in range(number * per_file, min(rows, (number + 1) * per_file)):
                 key = urllib.parse.quote(f"coryell/Co Rd {n % 500}/img/{n:07d}_31.708136_-97.693460.png", safe="/")
                 etag = hashlib.md5(str(n).encode()).hexdigest()
-                out.write(
-                    f'"bench","{key}","{32768 + n % 1000}","2026-11-30T10:00:00.000Z","{etag}","STANDARD","FALSE"\n'
-                )
+                date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(start + n // per_second))
+                out.write(f'"bench","{key}","{32768 + n % 1000}","{date}","{etag}","STANDARD","FALSE"\n')
         body = path.read_bytes()
         entries.append({"key": path.name, "size": len(body), "MD5checksum": hashlib.md5(body).hexdigest()})
     return {
@@ -82,11 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=4)
+    parser.add_argument(
+        "--per-second", type=int, default=100, help="rows sharing a date (an upload at N objects/s); 1: all differ"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="adl-inventory-bench-") as work:
         folder = Path(work)
         started = time.perf_counter()
-        manifest_data = write_inventory(folder, args.rows, args.files)
+        manifest_data = write_inventory(folder, args.rows, args.files, args.per_second)
         gz_bytes = sum(entry["size"] for entry in manifest_data["files"])
         print(f"built {args.rows:,} rows in {args.files} gzip data files ({gz_bytes / 2**20:.1f} MiB) "
               f"in {time.perf_counter() - started:.1f} s")  # fmt: skip

@@ -4,8 +4,9 @@ list_concurrency and with 1 (page after page), against s5cmd `ls` and rclone `ls
 
 Why this exists: on AWS a 1,000-key page takes tens of milliseconds, so a bucket of millions of keys listed one
 page after another takes minutes before anything is known. The bucket is listing_cpu.py's (cached), served by
-SeaweedFS through the tests' fault proxy, which adds ``--delay-ms`` to every ListObjectsV2 request. The tools run
-interleaved, ``--rounds`` times; the script prints each one's median wall time and peak RSS (GNU time)::
+SeaweedFS through the tests' fault proxy, which adds ``--delay-ms`` to every GET (every list request:
+ListObjectsV2, and rclone's V1). The tools run interleaved, ``--rounds`` times; the script prints each one's
+median wall time and peak RSS (GNU time)::
 
     python benchmarks/listing.py                          # 100,000 keys under 1,000 prefixes, 100 ms a page
     python benchmarks/listing.py --count 200000 --prefixes 2000

@@ -142,6 +142,26 @@ def test_csv_rows_become_objects_with_decoded_keys_and_versions_and_leave_out_ma
     assert left_out == {"delete marker": 1, "noncurrent version": 1}
 
 
+def test_each_row_keeps_its_own_date_when_rows_share_dates_and_when_they_do_not() -> None:
+    """Consecutive rows with the same date reuse its parse: every row must still get its own date, an empty one
+    included (0, as before)."""
+    manifest = adl.parse_inventory_manifest(
+        json.dumps({
+            "sourceBucket": "src", "destinationBucket": "dst", "fileFormat": "CSV", "fileSchema": CURRENT_SCHEMA,
+            "files": [],
+        }).encode(),
+        "s3://dst/manifest.json",
+    )  # fmt: skip
+    assert manifest.fields[:5] == ("bucket", "key", "size", "lastmodifieddate", "etag")
+    dates = ["2026-11-30T10:00:00.000Z", "2026-11-30T10:00:00.000Z", "2026-11-30T10:00:01.000Z", "", "",
+             "2026-11-30T10:00:00.000Z", "2025-01-02T03:04:05.000Z"]  # fmt: skip
+    text = "".join(f'"src","k{n}","1","{date}","e{n}","STANDARD","FALSE"\n' for n, date in enumerate(dates))
+    objects = list(adl.inventory_objects_csv(io.StringIO(text), manifest, adl.Counter()))
+    assert [o.key for o in objects] == [f"k{n}" for n in range(len(dates))]
+    assert [o.last_modified for o in objects] == [adl.parse_s3_timestamp(d) if d else 0.0 for d in dates]
+    assert objects[2].last_modified - objects[1].last_modified == 1.0
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
