@@ -830,6 +830,32 @@ def remove_tree(path: Path) -> None:
     os.sync()
 
 
+def measure_into(
+    run: Run,
+    command: list[str],
+    env: dict[str, str],
+    run_dir: Path,
+    ctx: Context,
+    watch: tuple[Path, set[str]] | None = None,
+) -> dict[str, Any] | None:
+    """Run ``command`` under run_measured and put its wall time, CPU (the server's too), peak RSS, TTFB and exit
+    code into ``run``; returns what run_measured returned, or None (with ``run.error``) when it timed out."""
+    server_before = ctx.server_cpu()
+    try:
+        measured = run_measured(command, env, run_dir, ctx.time_bin, ctx.timeout, watch)
+    except TimeoutError as exc:
+        run.error = str(exc)
+        return None
+    server_after = ctx.server_cpu()
+    if server_before is not None and server_after is not None:
+        run.server_cpu_s = server_after - server_before
+    run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
+    run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
+    run.ttfb_s, run.exit_code = measured["ttfb_s"], measured["exit_code"]
+    run.cpu_children_delta_s = measured["children_delta_cpu_s"]
+    return measured
+
+
 def run_one(
     workload: Workload,
     tool: str,
@@ -851,19 +877,9 @@ def run_one(
     run = Run(workload.name, tool, rep, ok=False, command=command, full_check=full_check)
     os.sync()
     try:
-        server_before = ctx.server_cpu()
-        try:
-            measured = run_measured(command, ctx.env, run_dir, ctx.time_bin, ctx.timeout, watch)
-        except TimeoutError as exc:
-            run.error = str(exc)
+        measured = measure_into(run, command, ctx.env, run_dir, ctx, watch)
+        if measured is None:
             return run
-        server_after = ctx.server_cpu()
-        if server_before is not None and server_after is not None:
-            run.server_cpu_s = server_after - server_before
-        run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
-        run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
-        run.ttfb_s, run.exit_code = measured["ttfb_s"], measured["exit_code"]
-        run.cpu_children_delta_s = measured["children_delta_cpu_s"]
         if tool.startswith("adl"):
             with contextlib.suppress(ValueError, IndexError):
                 run.tool_summary = json.loads(measured["stdout"].strip().splitlines()[-1])
@@ -903,18 +919,9 @@ def run_listing(workload: Workload, tool: str, rep: int, ctx: Context, endpoint:
     run = Run(workload.name, tool, rep, ok=False, command=command)
     env = {**ctx.env, "RCLONE_CONFIG_BENCH_ENDPOINT": endpoint}
     try:
-        server_before = ctx.server_cpu()
-        try:
-            measured = run_measured(command, env, run_dir, ctx.time_bin, ctx.timeout)
-        except TimeoutError as exc:
-            run.error = str(exc)
+        measured = measure_into(run, command, env, run_dir, ctx)
+        if measured is None:
             return run
-        server_after = ctx.server_cpu()
-        if server_before is not None and server_after is not None:
-            run.server_cpu_s = server_after - server_before
-        run.wall_s, run.cpu_user_s, run.cpu_sys_s = measured["wall_s"], measured["user_s"], measured["sys_s"]
-        run.peak_rss_mib, run.rss_source = measured["peak_rss_mib"], measured["rss_source"]
-        run.exit_code = measured["exit_code"]
         out = measured["stdout"]
         if run.exit_code != 0:
             run.error = f"exit code {run.exit_code}: {(measured['stderr'].strip() or out.strip())[-400:]}"
