@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import py_compile
 import signal
 import statistics
 import subprocess
@@ -92,10 +91,10 @@ def main() -> None:
         with FaultProxy(server.endpoint) as proxy:
             proxy.delay(seconds=args.delay_ms / 1000, where=lambda request: "list-type=2" in request.query)
             # adl-installed: the installed aws-data-downloader command's start (the module's compiled bytecode)
-            py_compile.compile(str(bench.TOOL_SCRIPT), doraise=True)
+            bench.compile_installed()
             starts = {
                 "adl": [sys.executable, str(bench.TOOL_SCRIPT)],
-                "adl-installed": [sys.executable, "-c", bench.INSTALLED_COMMAND, str(bench.REPO)],
+                "adl-installed": bench.INSTALLED_START,
                 **({"adl-baseline": [sys.executable, str(args.baseline)]} if args.baseline else {}),
             }
             commands = {

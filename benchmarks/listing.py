@@ -27,7 +27,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import run_benchmark as bench  # noqa: E402
-from faultproxy import FaultProxy  # noqa: E402
 from listing_cpu import seeded_bucket  # noqa: E402
 
 
@@ -51,19 +50,20 @@ def measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int
 
 
 def run_tools(bucket: str, endpoint: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, list]:
-    """Every tool ``args.rounds`` times, interleaved, through a proxy that delays each list request."""
-    with FaultProxy(endpoint) as proxy, tempfile.TemporaryDirectory(prefix="adl-listing-") as scratch:
-        # Every GET of a dry run is a listing; rclone lists with ListObjects V1 (no list-type=2), so match all GETs.
-        proxy.delay(seconds=args.delay_ms / 1000, method="GET")
-        ours = [sys.executable, str(bench.TOOL_SCRIPT), "--buckets", bucket, "--endpoint-url", proxy.url,
-                "--dry-run", "--quiet", "--json", "--log-file", "", "--download-dir"]  # fmt: skip
+    """Every tool ``args.rounds`` times, interleaved, through listing_endpoint: a proxy that delays each list
+    request (the server itself with --delay-ms 0)."""
+    with (
+        bench.listing_endpoint(endpoint, args.delay_ms) as url,
+        tempfile.TemporaryDirectory(prefix="adl-listing-") as scratch,
+    ):
+        bins = {"s5cmd": bench.s5cmd_binary(), "rclone": bench.find_binary("rclone")}
+        names = {"adl": "adl (list_concurrency 16)", "adl-list1": "adl --list-concurrency 1",
+                 "s5cmd": "s5cmd ls", "rclone": "rclone lsf -R"}  # fmt: skip
         commands = {
-            "adl (list_concurrency 16)": [*ours, f"{scratch}/a"],
-            "adl --list-concurrency 1": [*ours, f"{scratch}/b", "--list-concurrency", "1"],
-            "s5cmd ls": [bench.s5cmd_binary(), "--endpoint-url", proxy.url, "ls", f"s3://{bucket}/*"],
-            "rclone lsf -R": [bench.find_binary("rclone"), "lsf", "-R", "--files-only", f"bench:{bucket}"],
+            label: bench.listing_command(tool, bins, url, bucket, Path(scratch) / tool)  # type: ignore[arg-type]
+            for tool, label in names.items()
         }
-        env = {**env, "RCLONE_CONFIG_BENCH_ENDPOINT": proxy.url}
+        env = {**env, "RCLONE_CONFIG_BENCH_ENDPOINT": url}
         results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in commands}
         for _ in range(args.rounds):
             for name, command in commands.items():

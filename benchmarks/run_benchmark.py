@@ -60,6 +60,7 @@ ALL_TOOLS = ["adl", "adl-noverify", "adl-installed", "s5cmd", "rclone", "awscli"
 INSTALLED_COMMAND = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); from aws_data_downloader import console_main; console_main()"
 )
+INSTALLED_START = [sys.executable, "-c", INSTALLED_COMMAND, str(REPO)]
 ALL_WORKLOADS = ["small", "medium", "large", "small_crc", "medium_crc", "large_crc", "ttfb", "listing", "listing_1m"]
 #: What runs without --workloads: all but listing_1m, whose seeding alone takes ~8 minutes (1,000,000 PUTs) and
 #: whose runs take ~40 s each; name it to run it.
@@ -675,11 +676,7 @@ def tool_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, pr
     target = dest / bucket
     if tool in ("adl", "adl-noverify", "adl-baseline", "adl-installed"):
         script = BASELINE_SCRIPT if tool == "adl-baseline" else TOOL_SCRIPT
-        start = (
-            [sys.executable, "-c", INSTALLED_COMMAND, str(REPO)]
-            if tool == "adl-installed"
-            else [sys.executable, str(script)]
-        )
+        start = INSTALLED_START if tool == "adl-installed" else [sys.executable, str(script)]
         command = [*start, "--buckets", bucket, "--download-dir", str(dest)]
         command += ["--endpoint-url", endpoint, "--quiet", "--json"]
         if prefix:
@@ -856,6 +853,19 @@ def measure_into(
     return measured
 
 
+def tool_summary(stdout: str) -> dict[str, Any] | None:
+    """Our --json summary: the last line of the output, or None when there is none to read."""
+    with contextlib.suppress(ValueError, IndexError):
+        return json.loads(stdout.strip().splitlines()[-1])
+    return None
+
+
+def compile_installed() -> None:
+    """What pip does at install time, so INSTALLED_START imports compiled bytecode (PYTHONDONTWRITEBYTECODE would
+    keep an import from writing it)."""
+    py_compile.compile(str(TOOL_SCRIPT), doraise=True)
+
+
 def run_one(
     workload: Workload,
     tool: str,
@@ -881,8 +891,7 @@ def run_one(
         if measured is None:
             return run
         if tool.startswith("adl"):
-            with contextlib.suppress(ValueError, IndexError):
-                run.tool_summary = json.loads(measured["stdout"].strip().splitlines()[-1])
+            run.tool_summary = tool_summary(measured["stdout"])
         root = dest / workload.bucket
         run.files, run.bytes, problem = check_tree(root, expected, full_check)
         if run.exit_code != 0:
@@ -895,6 +904,11 @@ def run_one(
         return run
     finally:
         remove_tree(run_dir)
+
+
+def workload_tools(name: str, tools: list[str]) -> list[str]:
+    """The tools a workload runs: the listing workloads their own four, the others those --tools names."""
+    return LISTING_TOOLS if name in LISTING_DELAY_MS else tools
 
 
 def listing_command(tool: str, bins: dict[str, str], endpoint: str, bucket: str, scratch: Path) -> list[str]:
@@ -927,8 +941,7 @@ def run_listing(workload: Workload, tool: str, rep: int, ctx: Context, endpoint:
             run.error = f"exit code {run.exit_code}: {(measured['stderr'].strip() or out.strip())[-400:]}"
             return run
         if tool.startswith("adl"):
-            with contextlib.suppress(ValueError, IndexError):
-                run.tool_summary = json.loads(out.strip().splitlines()[-1])
+            run.tool_summary = tool_summary(out)
             run.files = (run.tool_summary or {}).get("would_download", 0)
         else:
             run.files = out.count("\n")
@@ -947,7 +960,8 @@ def listing_endpoint(endpoint: str, delay_ms: float) -> Iterator[str]:
     if not delay_ms:
         yield endpoint
         return
-    sys.path.insert(0, str(REPO / "tests"))
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
     from faultproxy import FaultProxy
 
     with FaultProxy(endpoint) as proxy:
@@ -1220,8 +1234,8 @@ def main(argv: list[str] | None = None) -> int:
     """Install, start the server, seed (cached), run every tool on every workload, write the results."""
     args = parse_args(argv)
     ensure_requirements()
-    if "adl-installed" in args.tools:  # what pip does at install time (PYTHONDONTWRITEBYTECODE would stop an import)
-        py_compile.compile(str(TOOL_SCRIPT), doraise=True)
+    if "adl-installed" in args.tools:
+        compile_installed()
     time_bin = gnu_time()
     bins = {
         "weed": find_binary("weed"),
@@ -1247,7 +1261,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx = Context(workdir, server.endpoint, env, bins, time_bin, args.timeout, server.cpu_seconds)  # type: ignore[arg-type]
             manifests = {name: seed(workdir, server, w, bins["s5cmd"], env) for name, w in workloads.items()}  # type: ignore[arg-type]
             for name, workload in workloads.items():
-                tools = LISTING_TOOLS if name in LISTING_DELAY_MS else args.tools
+                tools = workload_tools(name, args.tools)
                 with listing_endpoint(server.endpoint, LISTING_DELAY_MS.get(name, 0.0)) as endpoint:
                     for rep in range(args.reps):
                         # Rotate the order each repetition so no tool always runs first (cold caches) or last.
@@ -1272,9 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     summary = {
         name: {
-            tool: s
-            for tool in (LISTING_TOOLS if name in LISTING_DELAY_MS else args.tools)
-            if (s := summarize(runs, workload, tool)) is not None
+            tool: s for tool in workload_tools(name, args.tools) if (s := summarize(runs, workload, tool)) is not None
         }
         for name, workload in workloads.items()
     }
